@@ -1,0 +1,22 @@
+# brainvae: T1w brain MRI -> preprocessing -> 3D VAE -> latent vectors -> analysis.
+# Thin on purpose: configuration, includes and the final targets. Logic lives in src/brainvae.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/conform.smk"
+
+
+rule all:
+    input:
+        SAMPLES_TSV,
+        f"{DERIV}/dataset_description.json",
+        expand(f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz", scan=SAMPLES.index),
+    default_target: True

@@ -1,0 +1,117 @@
+"""The Snakemake workflow itself: planning, a small end-to-end run, reruns and per-scan failures."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(configfile), "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def demo_config(tmp_path: Path, subjects: int) -> Path:
+    with open(REPO / "config" / "config.yaml") as handle:
+        config = yaml.safe_load(handle)
+    config["demo"]["subjects"] = subjects
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Parse Snakemake's job-stats table ('job  count' lines) from a dry run."""
+    counts, in_table = {}, False
+    for line in output.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+            continue
+        if in_table and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+        elif in_table and parts and parts[0] == "total":
+            break
+    return counts
+
+
+def test_dry_run_plans_the_demo_dag(tmp_path):
+    config = demo_config(tmp_path, subjects=40)
+    result = snakemake(tmp_path, config, "--dry-run")
+    jobs = planned_jobs(result.stdout + result.stderr)
+    samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert jobs["demo_cohort"] == 1
+    assert jobs["conform"] == len(samples) >= 40
+    assert set(samples["dataset"]) == {"IXI", "HCP"}
+    assert set(samples["label"]) == {"euploid", "DS"}
+    # Nothing but the samples table was written by a dry run.
+    assert not (tmp_path / "results" / "demo_cohort").exists()
+
+
+def test_demo_end_to_end_and_noop_rerun(tmp_path):
+    config = demo_config(tmp_path, subjects=4)
+    snakemake(tmp_path, config)
+    deriv = tmp_path / "results" / "derivatives" / "brainvae"
+    samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(samples) >= 4
+    description = json.loads((deriv / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    for scan in samples["scan"]:
+        image = nib.load(deriv / f"{scan}_desc-conform_T1w.nii.gz")
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        sidecar = json.loads((deriv / f"{scan}_desc-conform_T1w.json").read_text())
+        assert sidecar  # provenance written next to every image
+    # A second run has nothing to do.
+    again = snakemake(tmp_path, config, "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def real_bids_dataset(root: Path, real_t1w_dir: Path) -> Path:
+    """A small BIDS dataset of real scans: IXI subjects, one with two sessions."""
+    (root).mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "real", "BIDSVersion": "1.9.0"}))
+    scans = {"ixi012": ["IXI012-HH-1211-T1_ds.nii.gz"], "ixi013": ["IXI013-HH-1212-T1_ds.nii.gz"],
+             "ixi014": ["IXI014-HH-1236-T1_ds.nii.gz", "IXI015-HH-1258-T1_ds.nii.gz"]}
+    rows = []
+    for subject, files in scans.items():
+        rows.append(f"sub-{subject}\teuploid")
+        for i, name in enumerate(files):
+            session = f"ses-{i + 1}" if len(files) > 1 else None
+            folder = root / f"sub-{subject}" / (session or "") / "anat"
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"sub-{subject}" + (f"_{session}" if session else "")
+            shutil.copy(real_t1w_dir / "ixi" / name, folder / f"{stem}_T1w.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\tgroup\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_bad_scan_fails_alone_with_a_clear_error(tmp_path, real_t1w_dir):
+    bids = real_bids_dataset(tmp_path / "bids", real_t1w_dir)
+    broken = bids / "sub-ixi013" / "anat" / "sub-ixi013_T1w.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:5000])  # a truncated download
+    config = {"output_dir": "results",
+              "datasets": [{"name": "real", "bids_dir": str(bids), "role": "analyse", "label_column": "group"}]}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, configfile, "--keep-going", check=False)
+    assert result.returncode != 0
+    deriv = tmp_path / "results" / "derivatives" / "brainvae"
+    assert (deriv / "sub-ixi012/anat/sub-ixi012_desc-conform_T1w.nii.gz").exists()
+    assert (deriv / "sub-ixi014/ses-1/anat/sub-ixi014_ses-1_desc-conform_T1w.nii.gz").exists()
+    assert (deriv / "sub-ixi014/ses-2/anat/sub-ixi014_ses-2_desc-conform_T1w.nii.gz").exists()
+    assert not (deriv / "sub-ixi013/anat/sub-ixi013_desc-conform_T1w.nii.gz").exists()
+    log = (tmp_path / "results" / "logs" / "conform" / "sub-ixi013" / "anat" / "sub-ixi013.log").read_text()
+    assert str(broken) in log
+    assert str(broken) in result.stderr + result.stdout  # the reason reaches the terminal too

@@ -1,0 +1,41 @@
+# Step 1: validate and conform every input scan (a lossless reorientation; nothing is resampled).
+
+
+rule derivatives_description:
+    output:
+        f"{DERIV}/dataset_description.json",
+    log:
+        f"{LOGS}/derivatives_description.log",
+    params:
+        datasets=[d["name"] for d in config["datasets"]],
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/derivatives_description.py"
+
+
+rule conform:
+    input:
+        t1w=scan_input,
+    output:
+        image=f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz",
+        sidecar=f"{DERIV}/{{scan}}_desc-conform_T1w.json",
+    log:
+        f"{LOGS}/conform/{{scan}}.log",
+    params:
+        orientation=config["conform"]["orientation"],
+        volume_index=config["conform"]["volume_index"],
+        min_voxel_mm=config["conform"]["min_voxel_mm"],
+        max_voxel_mm=config["conform"]["max_voxel_mm"],
+        max_anisotropy=config["conform"]["max_anisotropy"],
+        source_uri=scan_source_uri,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    group:
+        "preprocess"
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/conform.py"

@@ -1,0 +1,31 @@
+# The synthetic demo cohort with ground truth, generated when a dataset points inside demo.output_dir.
+
+from brainvae.workflow import demo_plan, demo_sites
+
+DEMO_SITES = demo_sites(config)
+
+if DEMO_SITES:
+    DEMO_DIR = config["demo"]["output_dir"]
+    DEMO_PLAN = demo_plan(config)
+
+    rule demo_cohort:
+        output:
+            t1w=[f"{DEMO_DIR}/{entry['path']}" for entry in DEMO_PLAN],
+            participants=[f"{DEMO_DIR}/{site}/participants.tsv" for site in DEMO_SITES],
+        log:
+            f"{LOGS}/demo_cohort.log",
+        params:
+            out_dir=DEMO_DIR,
+            subjects=config["demo"]["subjects"],
+            seed=config["demo"]["seed"],
+            ds_strength=config["demo"]["ds_strength"],
+            ds_fraction=config["demo"]["ds_fraction"],
+            sites=list(DEMO_SITES),
+        threads: workflow.cores
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            "../../envs/preprocess.yaml"
+        script:
+            "../scripts/demo_cohort.py"
