@@ -104,6 +104,8 @@ def build_samples(config: dict[str, Any]) -> pd.DataFrame:
     if real:
         frames.append(collect_samples(real))
     samples = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # A covariate present in one dataset only is empty (not NaN) elsewhere, as in collect_samples.
+    samples = samples.fillna("")
     for column in ("train", "analyse"):
         samples[column] = samples[column].astype(bool)
     duplicated = samples[samples.duplicated("subject", keep=False)]
