@@ -79,6 +79,18 @@ def test_plan_options_and_errors():
         dc.generate_cohort("/nonexistent", 2, 0, ds_strength=-1)
 
 
+def test_site_root_guard(tmp_path):
+    # Empty folders (Snakemake makes output folders before the job) are not "someone else's data".
+    (tmp_path / "IXI" / "sub-ixi001" / "anat").mkdir(parents=True)
+    dc._prepare_site_root(tmp_path / "IXI")
+    # A folder with files the generator did not write is never overwritten.
+    (tmp_path / "HCP" / "sub-x" / "anat").mkdir(parents=True)
+    (tmp_path / "HCP" / "sub-x" / "anat" / "sub-x_T1w.nii.gz").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        dc._prepare_site_root(tmp_path / "HCP")
+    assert (tmp_path / "HCP" / "sub-x" / "anat" / "sub-x_T1w.nii.gz").read_bytes() == b"precious"
+
+
 # ------------------------------------------------------------------------------------- generated
 
 def test_files_are_exactly_the_plan(cohort):

@@ -923,7 +923,8 @@ def _generate_job(args: tuple[dict[str, Any], str, int, float]) -> str:
 def _prepare_site_root(root: Path) -> None:
     """Create a site root, or empty the subject folders of one this generator wrote before."""
     description = root / "dataset_description.json"
-    if root.exists() and any(root.iterdir()):
+    # Folders without files are fine: Snakemake creates the output folders before the job runs.
+    if root.exists() and any(path.is_file() or path.is_symlink() for path in root.rglob("*")):
         try:
             ours = json.loads(description.read_text())["GeneratedBy"][0]["Name"] == _GENERATOR
         except (OSError, ValueError, KeyError, IndexError, TypeError):
