@@ -1,0 +1,165 @@
+"""Training grids, the single native -> MNI resampling, and intensity normalisation.
+
+A :class:`Grid` is a voxel grid in MNI world (RAS mm) space: shape, isotropic voxel size and the
+world position of the centre of voxel (0, 0, 0). The named training grids share one field of view,
+the box [-80.5, 79.5] x [-113.5, 78.5] x [-75.5, 84.5] mm (160 x 192 x 160 mm), which contains the
+whole MNI152 2009a brain mask (x -72..72, y -107..73, z -72..82) with >= 2.5 mm to spare; the
+``1mm`` grid's voxel centres fall on the integer MNI template grid so it is an exact sub-grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+#: Lower corner (voxel edge, not centre) and size of the shared training field of view, RAS mm.
+FOV_LOWER = (-80.5, -113.5, -75.5)
+FOV_SIZE = (160.0, 192.0, 160.0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Voxel grid in world RAS mm: ``world = origin + voxel_size * index`` (axis-aligned).
+
+    Grids taken from images (:meth:`from_image`) keep that image's exact affine instead.
+    """
+
+    shape: tuple[int, int, int]
+    voxel_size: float
+    origin: tuple[float, float, float]  #: world RAS position of voxel (0, 0, 0)'s centre
+    name: str = ""
+    exact_affine: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def affine(self) -> np.ndarray:
+        if self.exact_affine is not None:
+            return self.exact_affine.copy()
+        a = np.diag([self.voxel_size] * 3 + [1.0])
+        a[:3, 3] = self.origin
+        return a
+
+    @classmethod
+    def from_fov(cls, name: str, voxel_size: float, lower=FOV_LOWER, size=FOV_SIZE) -> Grid:
+        shape = tuple(int(round(s / voxel_size)) for s in size)
+        origin = tuple(float(lo + voxel_size / 2) for lo in lower)
+        return cls(shape, float(voxel_size), origin, name)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_image(cls, img: nib.Nifti1Image, name: str = "image") -> Grid:
+        a = np.asarray(img.affine, dtype=float)
+        return cls(tuple(int(s) for s in img.shape[:3]),  # type: ignore[arg-type]
+                   float(np.linalg.norm(a[:3, 0])), tuple(a[:3, 3]), name, a.copy())
+
+    def subsample(self, step: int) -> Grid:
+        """Every ``step``-th voxel of this grid (same first voxel)."""
+        a = self.affine
+        a[:3, :3] *= step
+        shape = tuple(-(-s // step) for s in self.shape)
+        return Grid(shape, self.voxel_size * step, self.origin, self.name, a)  # type: ignore[arg-type]
+
+
+#: Named training grids (all share the FOV above). Shapes divisible by 8 for the VAE.
+GRIDS: dict[str, Grid] = {
+    "1mm": Grid.from_fov("1mm", 1.0),  # 160 x 192 x 160
+    "2mm": Grid.from_fov("2mm", 2.0),  # 80 x 96 x 80
+    "demo": Grid.from_fov("demo", 4.0),  # 40 x 48 x 40
+}
+
+
+def get_grid(grid: str | Grid) -> Grid:
+    """A named grid ('1mm', '2mm', 'demo', or 'mni1mm' = the 1 mm MNI152 template grid)."""
+    if isinstance(grid, Grid):
+        return grid
+    if grid == "mni1mm":
+        from brainvae.templates import mni152_brain
+
+        return Grid.from_image(mni152_brain(1))
+    try:
+        return GRIDS[grid]
+    except KeyError:
+        raise ValueError(f"unknown grid {grid!r}; choose from {sorted(GRIDS) + ['mni1mm']}") from None
+
+
+def _voxel_map(img: nib.Nifti1Image, affine_ras: np.ndarray, grid: Grid) -> np.ndarray:
+    """Target voxel -> source voxel (4x4): grid voxel -> MNI world -> native world -> voxel."""
+    return np.linalg.inv(img.affine) @ np.linalg.inv(affine_ras) @ grid.affine
+
+
+def resample_to_grids(
+    img: nib.Nifti1Image,
+    affine_ras: np.ndarray,
+    grids: Sequence[str | Grid],
+    *,
+    order: int = 3,
+    cval: float = 0.0,
+) -> list[nib.Nifti1Image]:
+    """Resample ``img`` (native) once per target grid through the native->MNI ``affine_ras``.
+
+    Each output is a single interpolation straight from the native voxels (no intermediate
+    grids). For cubic splines the prefilter (the expensive part) is computed once and shared.
+    Outputs are float32; cubic ringing below the input minimum is clipped to it.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    coeffs = ndimage.spline_filter(data, order=order, output=np.float32) if order > 1 else data
+    lo, hi = float(data.min()), float(data.max())
+    out = []
+    for g in map(get_grid, grids):
+        m = _voxel_map(img, affine_ras, g)
+        res = ndimage.affine_transform(
+            coeffs, m[:3, :3], m[:3, 3], output_shape=g.shape, order=order,
+            mode="constant", cval=cval, prefilter=False, output=np.float32,
+        )
+        if order > 1:
+            np.clip(res, min(lo, cval), max(hi, cval), out=res)
+        out.append(nib.Nifti1Image(res, g.affine))
+    return out
+
+
+def resample_to_grid(img: nib.Nifti1Image, affine_ras: np.ndarray, grid: str | Grid, *,
+                     order: int = 3, cval: float = 0.0) -> nib.Nifti1Image:
+    """One grid version of :func:`resample_to_grids`."""
+    return resample_to_grids(img, affine_ras, [grid], order=order, cval=cval)[0]
+
+
+def resample_mask(mask: nib.Nifti1Image, affine_ras: np.ndarray, grid: str | Grid,
+                  threshold: float = 0.5) -> nib.Nifti1Image:
+    """Binary mask through the same transform: linear interpolation, then ``>= threshold``."""
+    m = nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.float32), mask.affine)
+    r = resample_to_grid(m, affine_ras, grid, order=1)
+    return nib.Nifti1Image((r.get_fdata(dtype=np.float32) >= threshold).astype(np.uint8), r.affine)
+
+
+def normalise_intensity(
+    img: nib.Nifti1Image,
+    mask: nib.Nifti1Image,
+    *,
+    method: str = "zscore",
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    background: float = 0.0,
+) -> nib.Nifti1Image:
+    """Normalise intensities using brain-mask statistics; voxels outside the mask = background.
+
+    * ``zscore``: ``(x - mean) / std`` over the mask.
+    * ``percentile``: the ``percentiles`` of the mask map to 0 and 1, clipped to [0, 1].
+    """
+    x = np.asarray(img.dataobj, dtype=np.float32)
+    m = np.asarray(mask.dataobj) > 0
+    if m.shape != x.shape:
+        raise ValueError(f"mask shape {m.shape} != image shape {x.shape}")
+    if m.sum() < 10:
+        raise ValueError("brain mask is (nearly) empty after resampling")
+    v = x[m]
+    if method == "zscore":
+        sd = float(v.std())
+        out = (x - float(v.mean())) / (sd if sd > 0 else 1.0)
+    elif method == "percentile":
+        lo, hi = np.percentile(v, percentiles)
+        out = np.clip((x - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    else:
+        raise ValueError(f"normalisation method must be 'zscore' or 'percentile', not {method!r}")
+    out = np.where(m, out, background).astype(np.float32)
+    return nib.Nifti1Image(out, img.affine)
