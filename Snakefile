@@ -12,11 +12,15 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/conform.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/qc.smk"
 
 
 rule all:
     input:
         SAMPLES_TSV,
         f"{DERIV}/dataset_description.json",
-        expand(f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz", scan=SAMPLES.index),
+        expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-preproc_T1w.nii.gz", scan=SAMPLES.index),
+        expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz", scan=SAMPLES.index),
+        f"{OUT}/qc/qc.tsv",
     default_target: True

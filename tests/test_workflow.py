@@ -68,11 +68,25 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     assert len(samples) >= 4
     description = json.loads((deriv / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
+    mni = "space-MNI152NLin2009aSym_res-demo"
     for scan in samples["scan"]:
         image = nib.load(deriv / f"{scan}_desc-conform_T1w.nii.gz")
         assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
         sidecar = json.loads((deriv / f"{scan}_desc-conform_T1w.json").read_text())
         assert sidecar  # provenance written next to every image
+        preproc = nib.load(deriv / f"{scan}_{mni}_desc-preproc_T1w.nii.gz")
+        mask = nib.load(deriv / f"{scan}_{mni}_desc-brain_mask.nii.gz")
+        assert preproc.shape == mask.shape == (40, 48, 40)
+        data, inside = preproc.get_fdata(), mask.get_fdata() > 0
+        assert 0.0 <= data.min() and data.max() <= 1.0 and data[~inside].max() == 0.0  # percentile-normalised
+        assert (deriv / f"{scan}_desc-qc_T1w.png").stat().st_size > 10_000
+        assert (deriv / f"{scan}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat").exists()
+        # Intermediates marked temp() are gone once every consumer has run.
+        assert not (deriv / f"{scan}_desc-n4_T1w.nii.gz").exists()
+    qc = pd.read_csv(tmp_path / "results" / "qc" / "qc.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == len(samples)
+    assert (pd.to_numeric(qc["template_correlation"]) > 0.6).all()
+    assert pd.to_numeric(qc["brain_volume_ml"]).between(1000, 1900).all()
     # A second run has nothing to do.
     again = snakemake(tmp_path, config, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -108,9 +122,10 @@ def test_bad_scan_fails_alone_with_a_clear_error(tmp_path, real_t1w_dir):
     result = snakemake(tmp_path, configfile, "--keep-going", check=False)
     assert result.returncode != 0
     deriv = tmp_path / "results" / "derivatives" / "brainvae"
-    assert (deriv / "sub-ixi012/anat/sub-ixi012_desc-conform_T1w.nii.gz").exists()
-    assert (deriv / "sub-ixi014/ses-1/anat/sub-ixi014_ses-1_desc-conform_T1w.nii.gz").exists()
-    assert (deriv / "sub-ixi014/ses-2/anat/sub-ixi014_ses-2_desc-conform_T1w.nii.gz").exists()
+    preproc = "space-MNI152NLin2009aSym_res-demo_desc-preproc_T1w.nii.gz"
+    assert (deriv / f"sub-ixi012/anat/sub-ixi012_{preproc}").exists()
+    assert (deriv / f"sub-ixi014/ses-1/anat/sub-ixi014_ses-1_{preproc}").exists()
+    assert (deriv / f"sub-ixi014/ses-2/anat/sub-ixi014_ses-2_{preproc}").exists()
     assert not (deriv / "sub-ixi013/anat/sub-ixi013_desc-conform_T1w.nii.gz").exists()
     log = (tmp_path / "results" / "logs" / "conform" / "sub-ixi013" / "anat" / "sub-ixi013.log").read_text()
     assert str(broken) in log

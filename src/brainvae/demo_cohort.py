@@ -93,6 +93,9 @@ _REGION_SIGMA_MM = {"ventricles": 4.0, "cerebellum": 4.0, "frontal": 5.0}
 
 # Subject variability (euploid and DS alike).
 _SUBJECT_LOG_SCALE_SD = 0.035     # per-axis head/brain size, ~3.5 %
+# The MNI152 brain (~1,970 mL in its mask) is larger than a typical adult brain; 0.9 per axis gives
+# ~1,440 mL, a plausible adult intracranial brain-mask volume.
+_SUBJECT_MEAN_LOG_SCALE = float(np.log(0.9))
 _SUBJECT_SHEAR_SD = 0.01
 _SUBJECT_WARP_SD_MM = 1.5         # random nonlinear displacement at each lattice node, deep in the brain
 _SUBJECT_WARP_OUTLINE = 1 / 3     # ... times this at the brain outline and outside (keeps the outline affine)
@@ -541,7 +544,7 @@ def _make_scan(record: dict[str, Any], seed: int, ds_strength: float) -> _Scan:
 
     # Anatomy: drawn from (seed, subject) only; group and ds_strength act deterministically on top.
     anat = _rng(seed, "anatomy", record["dataset"], record["subject"])
-    log_scale = anat.normal(0.0, _SUBJECT_LOG_SCALE_SD, 3)
+    log_scale = anat.normal(_SUBJECT_MEAN_LOG_SCALE, _SUBJECT_LOG_SCALE_SD, 3)
     shear = anat.normal(0.0, _SUBJECT_SHEAR_SD, 3)
     lattice_origin, lattice_shape = _lattice_shape(ref)
     lattice = anat.normal(0.0, _SUBJECT_WARP_SD_MM, (3, *lattice_shape)).astype(np.float32)

@@ -313,7 +313,7 @@ def qc_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for col in df.columns:
         if df[col].map(lambda v: isinstance(v, (list, tuple))).any():
             df[col] = df[col].map(lambda v: ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-    ids = [c for c in ("scan_id", "subject", "session", "site", "dataset") if c in df.columns]
+    ids = [c for c in ("scan", "scan_id", "subject", "session", "site", "dataset") if c in df.columns]
     known = [c for c in METRIC_COLUMNS if c in df.columns]
     rest = [c for c in df.columns if c not in ids and c not in known]
     return df[ids + known + rest]

@@ -1,0 +1,128 @@
+"""File-level pipeline steps called by the Snakemake scripts (skull stripping, final resampling, QC).
+
+Each function reads its inputs, calls the pure functions of the library and writes its outputs
+atomically, so a killed job never leaves a valid-looking partial file. The N4 and registration
+steps live in :mod:`brainvae.preprocess`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+from .io import atomic_write_json, atomic_write_nifti, read_json
+
+PathLike = str | os.PathLike
+
+
+def _load(path: PathLike) -> nib.Nifti1Image:
+    img = nib.load(os.fspath(path))
+    return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+
+
+def bias_corrected(conformed: PathLike, biasfield: PathLike) -> nib.Nifti1Image:
+    """The N4-corrected head, recomputed from the kept conformed image and bias field.
+
+    Keeping these two (and not the corrected image) lets a changed resampling or normalisation
+    rerun without rerunning N4.
+    """
+    img, bias = _load(conformed), _load(biasfield)
+    if img.shape != bias.shape:
+        raise InputError(biasfield, f"bias field shape {bias.shape} differs from the image {img.shape}")
+    return nib.Nifti1Image(img.get_fdata(dtype=np.float32) / np.maximum(bias.get_fdata(dtype=np.float32), 1e-6),
+                           img.affine)
+
+
+def skullstrip_file(in_level1_head: PathLike, in_level1: PathLike, in_native: PathLike, out_native_mask: PathLike,
+                    out_json: PathLike, *, method: str = "deepbet", threads: int = 1) -> dict[str, Any]:
+    """Skull-strip the level-1-aligned head; write the brain mask on the native grid and a JSON.
+
+    The mask is made in level-1 (MNI-like) space, where deepbet and the template prior work best,
+    then pulled back to the native grid through the inverse level-1 affine: the single resampling
+    of the image later uses this native mask.
+    """
+    from .registration import mask_to_native, read_transform
+    from .skullstrip import detect_skull_stripped, skullstrip
+
+    head = _load(in_level1_head)
+    native = _load(in_native)
+    level1 = read_transform(in_level1)
+    already_stripped = bool(detect_skull_stripped(native))
+    mask_mni = skullstrip(head, method=method, threads=threads, init="identity")
+    mask_native = mask_to_native(mask_mni, native, "level1", level1)
+    if mask_native.sum() == 0:
+        raise InputError(in_native, f"skull stripping ({method}) found no brain")
+    voxel_ml = float(np.prod(native.header.get_zooms()[:3])) / 1000.0
+    atomic_write_nifti(nib.Nifti1Image(mask_native.astype(np.uint8), native.affine), out_native_mask)
+    info = {"Method": method, "InputAlreadySkullStripped": already_stripped,
+            "BrainVolumeMl": float(mask_native.sum()) * voxel_ml, "Sources": [os.fspath(in_level1_head)]}
+    atomic_write_json(info, out_json)
+    return info
+
+
+def preprocess_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike,
+                    in_transform: PathLike, out_t1w: PathLike, out_mask: PathLike, *, grid: str = "demo",
+                    order: int = 3, method: str = "percentile", percentiles: Sequence[float] = (1.0, 99.0),
+                    background: float = 0.0) -> None:
+    """The one resampling: native bias-corrected head -> training grid through the composed affine."""
+    from .preprocess import preprocess_image
+    from .registration import read_transform
+
+    corrected = bias_corrected(in_conformed, in_biasfield)
+    norm, mask, _ = preprocess_image(corrected, _load(in_brain_mask), read_transform(in_transform), grid,
+                                     order=order, method=method, percentiles=tuple(percentiles),
+                                     background=background)
+    atomic_write_nifti(norm, out_t1w)
+    atomic_write_nifti(nib.Nifti1Image(np.asarray(mask.dataobj, dtype=np.uint8), mask.affine), out_mask)
+
+
+def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike, in_transform: PathLike,
+            level_jsons: Mapping[str, PathLike], out_png: PathLike, out_json: PathLike, *, scan: str,
+            thresholds: Mapping[str, float] | None = None, grid: str = "2mm") -> dict[str, Any]:
+    """QC of one scan: metrics, automatic flags and a three-plane picture on a 2 mm MNI grid.
+
+    The picture and metrics use their own resampling of the corrected head (display only; the
+    training volume comes from :func:`preprocess_file`).
+    """
+    from .preprocess import preprocess_image
+    from .qc import qc_figure, qc_flags, qc_metrics
+    from .registration import read_transform
+    from .templates import mni152_brain
+
+    corrected = bias_corrected(in_conformed, in_biasfield)
+    native_mask = _load(in_brain_mask)
+    image, mask, _ = preprocess_image(corrected, native_mask, read_transform(in_transform), grid,
+                                      order=1, method="percentile")
+    metrics: dict[str, Any] = {"scan": scan, **qc_metrics(image, mask, native_mask, corrected)}
+    for level, path in level_jsons.items():
+        # Registration-time correlations (level 1 against the head template, level 2 against the brain).
+        metrics[f"{level}_correlation"] = read_json(path).get("template_correlation")
+    metrics["flags"] = qc_flags(metrics, thresholds)
+    title = f"{scan}   r={metrics['template_correlation']:.2f}   brain {metrics['brain_volume_ml']:.0f} mL" + (
+        f"   FLAGS: {', '.join(metrics['flags'])}" if metrics["flags"] else "")
+    qc_figure(image, mask, mni152_brain(1), out_png, title)
+    atomic_write_json(metrics, out_json)
+    return metrics
+
+
+def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, excluded: Sequence[str] = ()) -> pd.DataFrame:
+    """Cohort QC table: one row per scan with metrics, automatic flags, cohort outliers and exclusions."""
+    from .qc import outlier_flags, qc_table, write_qc_table
+
+    rows = [read_json(path) for path in metric_jsons]
+    table = pd.DataFrame(rows)
+    outliers = outlier_flags(table) if len(table) else pd.Series(dtype=object)
+    for index in table.index:
+        table.at[index, "flags"] = list(table.at[index, "flags"]) + list(outliers.get(index, []))
+    table["excluded"] = table["scan"].isin(set(excluded)) if len(table) else []
+    table["passed"] = table["flags"].map(len).eq(0) & ~table["excluded"] if len(table) else []
+    formatted = qc_table(table.to_dict("records"))
+    write_qc_table(formatted, out_tsv)
+    return formatted

@@ -1,0 +1,54 @@
+# Quality control: a picture and metrics per scan, then one table with automatic flags and outliers.
+
+
+rule qc_scan:
+    input:
+        image=rules.conform.output.image,
+        biasfield=rules.n4.output.biasfield,
+        mask=rules.skullstrip.output.mask,
+        xfm=rules.register_level2.output.xfm,
+        level1=rules.register_level1.output.info,
+        level2=rules.register_level2.output.info,
+    output:
+        png=report(
+            f"{DERIV}/{{scan}}_desc-qc_T1w.png",
+            caption="../report/qc_scan.rst",
+            category="Quality control",
+            subcategory="Per scan",
+            labels={"scan": "{scan}"},
+        ),
+        metrics=f"{DERIV}/{{scan}}_desc-qc_metrics.json",
+    log:
+        f"{LOGS}/qc_scan/{{scan}}.log",
+    params:
+        thresholds=config["qc"]["thresholds"],
+        scan_key=lambda wildcards: SAMPLES.loc[wildcards.scan, "scan_key"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    group:
+        "preprocess"
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/qc_scan.py"
+
+
+rule qc_table:
+    input:
+        expand(f"{DERIV}/{{scan}}_desc-qc_metrics.json", scan=SAMPLES.index),
+    output:
+        report(f"{OUT}/qc/qc.tsv", caption="../report/qc_table.rst", category="Quality control"),
+    log:
+        f"{LOGS}/qc_table.log",
+    params:
+        exclude=config["qc"]["exclude"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/qc_table.py"

@@ -1,0 +1,9 @@
+"""Rule qc_table: one QC table for the cohort (metrics, flags, cohort outliers, exclusions)."""
+
+from brainvae.workflow import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    from brainvae.steps import qc_table_file
+
+    table = qc_table_file(snakemake.input, snakemake.output[0], excluded=snakemake.params.exclude)
+    log.info("%d scans, %d passed", len(table), int(table["passed"].sum()) if len(table) else 0)

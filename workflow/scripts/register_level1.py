@@ -1,0 +1,10 @@
+"""Rule register_level1: head -> whole-head template (Colin27, MNI space), rigid then affine."""
+
+from brainvae.workflow import job_logging
+
+with job_logging(snakemake.log[0], snakemake.threads) as log:
+    from brainvae.preprocess import level1_file
+
+    level1_file(snakemake.input.corrected, snakemake.output.xfm, snakemake.output.head, snakemake.output.info,
+                threads=snakemake.threads)
+    log.info("level-1 affine: %s", snakemake.output.xfm)
