@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.brainvae-installed
 CORES ?= all
-PYTEST_ARGS ?=
+# Tests run in parallel, one worker per core (pytest-xdist); each test uses one thread.
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: env demo test dryrun report lock bench clean
 
