@@ -1,0 +1,160 @@
+"""Encode every scan of a cohort array into a Parquet table of latent vectors.
+
+One row per scan: identifiers (dataset, participant, session, run, scan), label, split
+(``train``/``val``/``test``, or ``none`` for scans the VAE never saw, e.g. DS scans), age/sex
+when the index has them, ``mu_0..mu_{d-1}`` and ``logvar_0..`` (float32), and the reconstruction
+MSE and SSIM inside the brain mask. The schema is explicit (:func:`latent_schema`) so an empty
+session column is still a string column, not a null-typed one, and downstream readers (R arrow,
+polars, DuckDB) see the same types for every cohort.
+
+Encoding uses ``mu`` in eval mode (no sampling), so it is deterministic: the same model and
+array give identical latents on every run. Parquet key-value metadata records which model made
+the file: ``brainvae.model_name``, ``brainvae.config_sha256`` (sha256 of the canonical JSON of
+the resolved training config), ``brainvae.version``, ``brainvae.checkpoint_sha256`` (sha256 of
+``model.pt``) and ``brainvae.latent_dim``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import brainvae
+from brainvae.io import atomic_path, sha256_file
+
+from .cohort import read_index, read_splits
+from .evaluate import metrics_for_rows
+from .model import VAE
+from .train import config_sha256, load_model, resolve_device
+
+__all__ = ["encode_rows", "export_latents", "latent_schema", "read_latents", "NOT_IN_SPLIT"]
+
+NOT_IN_SPLIT = "none"
+
+#: Optional covariates copied from the index when present, with their Arrow types.
+COVARIATE_TYPES: dict[str, pa.DataType] = {"age": pa.float64(), "sex": pa.string()}
+
+
+def latent_schema(latent_dim: int, covariates: Sequence[str] = (),
+                  metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """The Arrow schema of a latents table."""
+    fields = [pa.field(name, pa.string(), nullable=nullable) for name, nullable in
+              [("dataset", False), ("participant", False), ("session", True), ("run", True),
+               ("scan", False), ("label", False), ("split", False)]]
+    fields += [pa.field(c, COVARIATE_TYPES[c]) for c in covariates]
+    fields += [pa.field(f"mu_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
+    fields += [pa.field(f"logvar_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
+    fields += [pa.field("mse_mask", pa.float64()), pa.field("ssim_mask", pa.float64())]
+    return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
+
+
+def encode_rows(model: VAE, array: np.ndarray, rows: Sequence[int], *,
+                device: torch.device | str = "cpu", batch_size: int = 4
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, logvar)`` as float32 arrays ``len(rows) x latent_dim`` (eval mode, no sampling)."""
+    model.eval()
+    rows = list(rows)
+    mus, logvars = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            x = np.stack([np.asarray(array[r], dtype=np.float32) for r in chunk])
+            mu, logvar = model.encode(torch.from_numpy(x).unsqueeze(1).to(device))
+            mus.append(mu.float().cpu().numpy())
+            logvars.append(logvar.float().cpu().numpy())
+    d = model.config.latent_dim
+    if not rows:
+        return np.zeros((0, d), np.float32), np.zeros((0, d), np.float32)
+    return np.concatenate(mus), np.concatenate(logvars)
+
+
+def _nullable(values: pd.Series) -> list[str | None]:
+    return [None if v in ("", "n/a") else str(v) for v in values.astype(str)]
+
+
+def export_latents(
+    model_dir: str | os.PathLike[str],
+    array_path: str | os.PathLike[str],
+    mask_path: str | os.PathLike[str] | None,
+    index: str | os.PathLike[str] | pd.DataFrame,
+    splits: str | os.PathLike[str] | pd.DataFrame | None,
+    out_path: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+) -> pa.Table:
+    """Encode every row of the cohort array with the model in ``model_dir``; write Parquet.
+
+    ``mask_path=None`` skips the reconstruction metrics (columns left null). ``splits=None``
+    marks every scan ``none``. The file is written atomically. Returns the table.
+    """
+    model_dir = Path(model_dir)
+    dev = resolve_device(device)
+    model = load_model(model_dir, dev)
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    index_df = index.copy() if isinstance(index, pd.DataFrame) else read_index(index)
+    index_df = index_df.sort_values("row").reset_index(drop=True)
+    split_of = {} if splits is None else dict(read_splits(splits)[["scan", "split"]].to_numpy())
+    array = np.load(array_path, mmap_mode="r")
+    rows = index_df["row"].astype(int).tolist()
+    mu, logvar = encode_rows(model, array, rows, device=dev, batch_size=batch_size)
+    if mask_path is not None:
+        masks = np.load(mask_path, mmap_mode="r")
+        rec = metrics_for_rows(model, array, masks, rows, device=dev, batch_size=batch_size)
+        mse = [rec[r]["mse_mask"] for r in rows]
+        ssim = [rec[r]["ssim_mask"] for r in rows]
+    else:
+        mse = ssim = [None] * len(rows)
+
+    covariates = [c for c in COVARIATE_TYPES if c in index_df.columns]
+    metadata = {
+        "brainvae.model_name": model_name or model_dir.name,
+        "brainvae.config_sha256": config_sha256(cfg),
+        "brainvae.version": brainvae.__version__,
+        "brainvae.checkpoint_sha256": sha256_file(model_dir / "model.pt"),
+        "brainvae.latent_dim": str(model.config.latent_dim),
+    }
+    schema = latent_schema(model.config.latent_dim, covariates, metadata)
+    columns: dict[str, Any] = {
+        "dataset": index_df["dataset"].astype(str).tolist(),
+        "participant": index_df["subject"].astype(str).tolist(),
+        "session": _nullable(index_df["session"]) if "session" in index_df else [None] * len(rows),
+        "run": _nullable(index_df["run"]) if "run" in index_df else [None] * len(rows),
+        "scan": index_df["scan"].astype(str).tolist(),
+        "label": index_df["label"].astype(str).tolist(),
+        "split": [split_of.get(s, NOT_IN_SPLIT) for s in index_df["scan"]],
+    }
+    if "age" in covariates:
+        columns["age"] = pd.to_numeric(index_df["age"].replace({"n/a": "", "NA": ""}),
+                                       errors="coerce").astype(float).tolist()
+        columns["age"] = [None if not np.isfinite(a) else a for a in columns["age"]]
+    if "sex" in covariates:
+        columns["sex"] = _nullable(index_df["sex"])
+    for i in range(model.config.latent_dim):
+        columns[f"mu_{i}"] = mu[:, i]
+    for i in range(model.config.latent_dim):
+        columns[f"logvar_{i}"] = logvar[:, i]
+    columns["mse_mask"] = mse
+    columns["ssim_mask"] = ssim
+    table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+    with atomic_path(out_path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return table
+
+
+def read_latents(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The latents table as a DataFrame and its ``brainvae.*`` metadata."""
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()
+            if k.startswith(b"brainvae.")}
+    return table.to_pandas(), meta

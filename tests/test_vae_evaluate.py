@@ -1,0 +1,75 @@
+"""Reconstruction metrics, bootstrap CIs, the PCA baseline and the evaluation outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.metrics import structural_similarity
+
+from brainvae.vae.cohort import make_splits, read_index, select_training
+from brainvae.vae.evaluate import PCABaseline, bootstrap_ci, evaluate_vae, scan_metrics, summarise
+from brainvae.vae.synthetic import synthetic_brains, write_synthetic_cohort
+from brainvae.vae.train import train_vae
+
+
+def test_scan_metrics_perfect_and_known_error() -> None:
+    vols, masks = synthetic_brains(1, (16, 16, 16), seed=0)
+    x, m = vols[0], masks[0]
+    perfect = scan_metrics(x, x, m)
+    assert perfect["mse_mask"] == 0 and perfect["ssim_mask"] == pytest.approx(1.0)
+    assert perfect["psnr_whole"] == float("inf")
+    y = x + np.where(m > 0, 0.5, 0.0).astype(np.float32)  # error only inside the brain
+    got = scan_metrics(x, y, m)
+    assert got["mse_mask"] == pytest.approx(0.25) and got["mae_mask"] == pytest.approx(0.5)
+    assert got["mse_whole"] == pytest.approx(0.25 * m.mean(), rel=1e-5)
+    data_range = float(x.max() - x.min())
+    assert got["psnr_mask"] == pytest.approx(10 * np.log10(data_range ** 2 / 0.25), rel=1e-6)
+    assert got["ssim_whole"] == pytest.approx(structural_similarity(
+        x.astype(float), y.astype(float), data_range=data_range))
+    assert got["ssim_mask"] < 1.0
+
+
+def test_bootstrap_ci_brackets_the_mean() -> None:
+    values = np.random.default_rng(0).normal(5.0, 1.0, 200)
+    lo, hi = bootstrap_ci(values, n_boot=1000, seed=1)
+    assert lo < values.mean() < hi and hi - lo < 0.5
+    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)
+
+
+def test_summarise_long_table() -> None:
+    per_scan = pd.DataFrame({"method": ["vae", "vae", "pca", "pca"], "scan": list("abab"),
+                             "mse_mask": [1.0, 3.0, 2.0, 2.0]})
+    s = summarise(per_scan, n_boot=100)
+    row = s[(s.method == "vae") & (s.metric == "mse")].iloc[0]
+    assert row["mean"] == 2.0 and row["sd"] == pytest.approx(np.sqrt(2)) and row["n"] == 2
+
+
+def test_pca_baseline_with_all_components_is_exact_on_training_data() -> None:
+    vols, masks = synthetic_brains(6, (16, 16, 16), seed=2)
+    pca = PCABaseline(n_components=64).fit(vols, masks)
+    assert pca.n_components == 6  # capped at the number of training scans
+    np.testing.assert_allclose(pca.reconstruct(vols[3]), vols[3], atol=1e-4)
+
+
+def test_evaluate_vae_writes_tables_and_figures(tmp_path: Path) -> None:
+    paths = write_synthetic_cohort(tmp_path, 14, shape=(16, 16, 16), seed=4)
+    index = read_index(paths["index"])
+    splits = make_splits(select_training(index), seed=0)
+    train_vae({"model": {"latent_dim": 4, "widths": [4, 8]}, "epochs": 1}, paths["array"],
+              paths["mask"], index, splits, tmp_path / "model", checkpoint_dir=tmp_path / "ck",
+              device="cpu", threads=1, progress=False)
+    result = evaluate_vae(tmp_path / "model", paths["array"], paths["mask"], index, splits,
+                          tmp_path / "eval", device="cpu", n_boot=200, n_figure=2, n_prior=2)
+    n_test = int((splits["split"] == "test").sum())
+    per_scan = pd.read_csv(tmp_path / "eval" / "per_scan_metrics.tsv", sep="\t")
+    assert len(per_scan) == 2 * n_test and set(per_scan["method"]) == {"vae", "pca"}
+    assert {"ssim_mask", "psnr_whole", "mae_mask", "mse_whole"} <= set(per_scan.columns)
+    summary = pd.read_csv(tmp_path / "eval" / "summary.tsv", sep="\t")
+    assert len(summary) == 2 * 4 * 2  # methods x metrics x regions
+    assert (summary["ci_low"] <= summary["mean"] + 1e-12).all()
+    assert result["summary"].shape == summary.shape
+    for name in ("reconstructions.png", "prior_samples.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"

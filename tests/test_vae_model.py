@@ -1,0 +1,80 @@
+"""VAE architecture: shapes on the named grids, options, loss terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainvae.vae.model import VAE, VAEConfig, kl_divergence, to_channels_last_3d, vae_loss
+
+
+@pytest.mark.parametrize(("shape", "widths"), [((40, 48, 40), (4, 8, 8)),  # demo grid, 3 levels
+                                               ((16, 24, 16), (4, 8)),
+                                               ((32, 32, 48), (2, 4, 4, 8))])
+def test_output_shape_matches_input(shape: tuple[int, int, int], widths: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(in_shape=shape, widths=widths, latent_dim=5))
+    x = torch.randn(2, 1, *shape)
+    recon, mu, logvar = model(x)
+    assert recon.shape == x.shape and mu.shape == logvar.shape == (2, 5)
+    assert model.decode(torch.zeros(3, 5)).shape == (3, 1, *shape)
+
+
+def test_bottleneck_of_named_grids() -> None:
+    assert VAEConfig(in_shape=(80, 96, 80), widths=(8, 16, 32, 64)).bottleneck_shape == (5, 6, 5)
+    assert VAEConfig(in_shape=(160, 192, 160), widths=(8,) * 5).bottleneck_shape == (5, 6, 5)
+
+
+def test_indivisible_grid_is_rejected() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        VAEConfig(in_shape=(40, 48, 40), widths=(8, 16, 32, 64))  # 40 / 16 is not an integer
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "instance", "none"])
+@pytest.mark.parametrize("activation", ["silu", "relu", "leaky_relu", "gelu"])
+def test_norms_and_activations(norm: str, activation: str) -> None:
+    model = VAE(VAEConfig(in_shape=(16, 16, 16), widths=(4, 8), latent_dim=3, norm=norm,
+                          activation=activation, blocks=2))
+    x = torch.randn(2, 1, 16, 16, 16)
+    recon, mu, logvar = model(x)
+    loss, _, _ = vae_loss(recon, x, mu, logvar, beta=1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError):
+        VAEConfig(norm="layer")
+
+
+def test_eval_mode_is_deterministic_and_uses_mu() -> None:
+    model = VAE(VAEConfig(in_shape=(16, 16, 16), widths=(4, 8), latent_dim=3)).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        a, mu, _ = model(x)
+        b, _, _ = model(x)
+        assert torch.equal(a, b) and torch.equal(a, model.decode(mu))
+
+
+def test_channels_last_3d_gives_same_result() -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(in_shape=(16, 16, 16), widths=(4, 8), latent_dim=3)).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref = model(x)[0]
+        fast = to_channels_last_3d(model)(x.contiguous(memory_format=torch.channels_last_3d))[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_terms() -> None:
+    mu, logvar = torch.zeros(2, 4), torch.zeros(2, 4)
+    assert torch.equal(kl_divergence(mu, logvar), torch.zeros(2))
+    assert kl_divergence(torch.ones(1, 4), torch.zeros(1, 4)).item() == pytest.approx(2.0)
+    x = torch.zeros(2, 1, 2, 2, 2)
+    recon = torch.ones_like(x)
+    recon[:, :, 0] = 3.0  # error 3 on half the voxels, 1 on the others
+    mask = torch.zeros_like(x)
+    mask[:, :, 1] = 1.0
+    total, rec, kl = vae_loss(recon, x, torch.ones(2, 4), logvar, beta=0.5, mask=mask)
+    assert rec.item() == pytest.approx(1.0)  # only the masked (error 1) voxels count
+    assert kl.item() == pytest.approx(2.0)
+    assert total.item() == pytest.approx(1.0 + 0.5 * 2.0 / 4)  # KL per scored voxel
+    _, rec_all, _ = vae_loss(recon, x, mu, logvar, beta=1.0, kind="l1")
+    assert rec_all.item() == pytest.approx(2.0)
