@@ -443,14 +443,17 @@ def test_truncated_uncompressed(tmp_path: Path) -> None:
         load_nifti(path)
 
 
+_RANDOM_BYTES = np.random.default_rng(7).bytes(2001)  # fixed: every pytest-xdist worker must collect the same tests
+
+
 @pytest.mark.parametrize("name, content, match", [
-    ("rand.nii.gz", os.urandom(2000), "named .nii.gz but not gzip-compressed"),
-    ("rand.nii", b"\x00" + os.urandom(2000), "not a NIfTI file"),
+    ("rand.nii.gz", _RANDOM_BYTES[1:], "named .nii.gz but not gzip-compressed"),
+    ("rand.nii", b"\x00" + _RANDOM_BYTES[1:], "not a NIfTI file"),
     ("text.nii", b"this is not an image\n" * 30, "not a NIfTI file"),
-    ("gztext.nii.gz", gzip.compress(b"this is not an image\n" * 30), "not a NIfTI file"),
+    ("gztext.nii.gz", gzip.compress(b"this is not an image\n" * 30, mtime=0), "not a NIfTI file"),
     ("empty.nii.gz", b"", "empty file"),
     ("image.txt", b"whatever", r"not a NIfTI file name \(expected .nii or .nii.gz\)"),
-])
+], ids=["random-bytes-gz", "random-bytes", "text", "gzipped-text", "empty", "wrong-extension"])
 def test_not_a_nifti(tmp_path: Path, name: str, content: bytes, match: str) -> None:
     path = tmp_path / name
     path.write_bytes(content)
