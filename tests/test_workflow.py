@@ -90,6 +90,11 @@ def test_demo_end_to_end_and_noop_rerun(tmp_path):
     # A second run has nothing to do.
     again = snakemake(tmp_path, config, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The HTML report has a QC page with every scan's picture and the QC table.
+    snakemake(tmp_path, config, "--report", str(tmp_path / "report.html"))
+    html = (tmp_path / "report.html").read_text()
+    assert "Quality control" in html and "qc.tsv" in html
+    assert all(f"{Path(scan).name}_desc-qc_T1w.png" in html for scan in samples["scan"])
 
 
 def real_bids_dataset(root: Path, real_t1w_dir: Path) -> Path:

@@ -21,7 +21,8 @@ if DEMO_SITES:
             ds_strength=config["demo"]["ds_strength"],
             ds_fraction=config["demo"]["ds_fraction"],
             sites=list(DEMO_SITES),
-        threads: workflow.cores
+        # Snakemake caps this at --cores; reading workflow.cores would break --report and --lint.
+        threads: 8
         resources:
             mem_mb=4000,
             runtime=30,
