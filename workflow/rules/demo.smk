@@ -1,5 +1,7 @@
 # The synthetic demo cohort with ground truth, generated when a dataset points inside demo.output_dir.
 
+import os
+
 from brainvae.workflow import demo_plan, demo_sites
 
 DEMO_SITES = demo_sites(config)
@@ -15,7 +17,8 @@ if DEMO_SITES:
         log:
             f"{LOGS}/demo_cohort.log",
         params:
-            out_dir=DEMO_DIR,
+            # <out_dir>/<site>/participants.tsv -> <out_dir>, derived from the outputs (no hard-coded prefix).
+            out_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.participants[0])),
             subjects=config["demo"]["subjects"],
             seed=config["demo"]["seed"],
             ds_strength=config["demo"]["ds_strength"],
