@@ -15,6 +15,15 @@ import numpy as np
 from scipy import ndimage
 
 
+#: N4 defaults: ~4 mm working resolution, 3 fitting levels x 20 iterations, sharpening FWHM 0.15.
+#: (6 mm, 4 x 30, FWHM 0.3 recovers the demo's applied field far better -- r 0.96-1.0 vs 0.6-0.8 --
+#: but fails tests/test_preprocess.py::test_n4_recovers_known_bias on the Colin27 head, r 0.75:
+#: the 4th level fits anatomy. Unresolved; see tests/test_preprocess_accuracy.py.)
+N4_SHRINK_FACTOR = 4
+N4_ITERATIONS: tuple[int, ...] = (20, 20, 20)
+N4_BIAS_FWHM = 0.15
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` threads in ITK (SimpleITK and ANTsPy) and numerical libraries.
 
@@ -101,12 +110,12 @@ def n4_bias_correct(
     img: nib.Nifti1Image,
     mask: nib.Nifti1Image | None = None,
     *,
-    shrink_factor: int = 4,
-    iterations: Sequence[int] = (20, 20, 20),
+    shrink_factor: int = N4_SHRINK_FACTOR,
+    iterations: Sequence[int] = N4_ITERATIONS,
     convergence: float = 1e-6,
     control_points: int = 4,
     spline_order: int = 3,
-    bias_fwhm: float = 0.15,
+    bias_fwhm: float = N4_BIAS_FWHM,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image]:
     """N4 bias-field correction; returns ``(corrected, bias_field, head_mask)`` on the native grid.
 
@@ -117,6 +126,7 @@ def n4_bias_correct(
     ``corrected = input / bias_field`` everywhere (also outside the mask, where the smooth field
     is extrapolated). The bias field is rescaled to mean 1 inside the mask so intensities keep
     their scale.
+
     """
     import SimpleITK as sitk
 
@@ -158,13 +168,31 @@ def n4_bias_correct(
     n4.SetBiasFieldFullWidthAtHalfMaximum(float(bias_fwhm))
     n4.Execute(small, small_mask)
 
-    # Evaluate the fitted B-spline on the full-resolution box (same physical extent as the fit),
-    # then extend it to the whole grid by edge replication (only air lies outside the box).
-    log_box = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image)).T.astype(np.float64)
+    # Evaluate the fitted B-spline on a coarse grid over the box (voxels 0, f, 2f, ... per axis;
+    # evaluating it at every full-resolution voxel costs ~2 s for a 1 mm head), then interpolate
+    # linearly, axis by axis, to every voxel of the box (the field is smooth on a >= 20 mm scale,
+    # so linear interpolation between ~6 mm samples is exact to < 0.1 %; the < f voxels after the
+    # last sample take its value -- they lie in the 10 mm air margin of the box) and extend it to
+    # the whole grid by edge replication (only air lies outside the box).
+    box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+    coarse_idx = [np.arange(0, n, f) for n, f in zip(box_shape, factors)]
+    ref = sitk.Image([len(c) for c in coarse_idx], sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(z * f) for z, f in zip(zooms, factors)))
+    ref.SetOrigin(image.GetOrigin())
+    log_box = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(ref)).T.astype(np.float32)
+    for axis, (n, c) in enumerate(zip(box_shape, coarse_idx)):
+        w = np.zeros((n, len(c)), np.float32)  # linear interpolation weights, full <- coarse
+        pos = np.interp(np.arange(n), c, np.arange(len(c)))
+        i0 = np.minimum(np.floor(pos).astype(int), len(c) - 2) if len(c) > 1 else np.zeros(n, int)
+        frac = (pos - i0).astype(np.float32)
+        w[np.arange(n), i0] = 1 - frac
+        if len(c) > 1:
+            w[np.arange(n), i0 + 1] += frac
+        log_box = np.moveaxis(np.tensordot(w, np.moveaxis(log_box, axis, 0), axes=1), 0, axis)
     log_bias = np.pad(log_box, [(a, s - b) for a, b, s in zip(lo, hi, data.shape)], mode="edge")
-    log_bias -= np.log(np.mean(np.exp(log_bias[fit_mask])))  # mean-1 field inside the mask
-    bias = np.exp(log_bias).astype(np.float32)
-    corrected = (data / bias).astype(np.float32)
+    log_bias -= np.float32(np.log(np.mean(np.exp(log_bias[fit_mask], dtype=np.float64))))
+    bias = np.exp(log_bias, dtype=np.float32)  # mean-1 field inside the mask
+    corrected = np.divide(data, bias, dtype=np.float32)
     corrected[data <= 0] = 0.0
     return (
         nib.Nifti1Image(corrected, img.affine),

@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainvae.bias import head_mask, n4_bias_correct, set_threads
+from brainvae.bias import N4_ITERATIONS, N4_SHRINK_FACTOR, head_mask, n4_bias_correct, set_threads
 from brainvae.errors import InputError
 from brainvae.io import atomic_write_json, atomic_write_nifti
 from brainvae.registration import (
@@ -64,8 +64,8 @@ def bias_correct_file(
     out_biasfield: PathLike,
     out_headmask: PathLike | None = None,
     *,
-    shrink_factor: int = 4,
-    iterations: Sequence[int] = (20, 20, 20),
+    shrink_factor: int = N4_SHRINK_FACTOR,
+    iterations: Sequence[int] = N4_ITERATIONS,
     convergence: float = 1e-6,
     threads: int | None = None,
 ) -> None:
