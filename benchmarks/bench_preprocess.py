@@ -74,6 +74,17 @@ def _error(affine, truth_json: str | None, truth_mask: str | None) -> float | No
     return float(np.linalg.norm((pts @ np.asarray(affine).T - pts @ truth.T)[:, :3], axis=1).mean())
 
 
+def _conformed(path: str):
+    """The conformed (RAS, float32) image both pipelines start from."""
+    import nibabel as nib
+    import numpy as np
+
+    from brainvae.conform import conform_image
+
+    img, _ = conform_image(nib.load(path), source=path)
+    return nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
+
+
 def child_ours(path: str, threads: int, truth_json: str | None, truth_mask: str | None) -> dict:
     from brainvae.bias import set_threads
 
@@ -84,7 +95,6 @@ def child_ours(path: str, threads: int, truth_json: str | None, truth_mask: str 
     from brainvae import qc
     from brainvae import registration as reg
     from brainvae.bias import n4_bias_correct
-    from brainvae.conform import conform_image
     from brainvae.preprocess import preprocess_image
     from brainvae.resample import resample_to_grids
     from brainvae.skullstrip import skullstrip
@@ -93,11 +103,7 @@ def child_ours(path: str, threads: int, truth_json: str | None, truth_mask: str 
     step = _timer(out)
     t0, c0 = time.perf_counter(), time.process_time()
 
-    def conform():
-        img, _ = conform_image(nib.load(path), source=path)
-        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
-
-    img = step("conform", conform)
+    img = step("conform", _conformed, path)
     corrected, _, head = step("n4", n4_bias_correct, img)
 
     def level1():
@@ -133,22 +139,15 @@ def child_baseline(path: str, threads: int, truth_json: str | None, truth_mask: 
 
     set_threads(threads)
     import ants
-    import nibabel as nib
-    import numpy as np
 
     from brainvae import registration as reg
     from brainvae import templates
-    from brainvae.conform import conform_image
 
     out: dict = {"steps": {}}
     step = _timer(out)
     t0, c0 = time.perf_counter(), time.process_time()
 
-    def conform():
-        img, _ = conform_image(nib.load(path), source=path)
-        return nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
-
-    img = step("conform", conform)
+    img = step("conform", _conformed, path)
     n4 = step("n4", ants.n4_bias_field_correction, reg.to_ants(img))  # defaults: 4 x 50, shrink 4
     fixed = reg.to_ants(templates.colin27_head())
     r = step("registration", ants.registration, fixed=fixed, moving=n4,
