@@ -66,10 +66,11 @@ def block_mean(data: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     return d.reshape(shp).mean(axis=(1, 3, 5))
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (bool)."""
     lab, n = ndimage.label(mask)
     if n <= 1:
-        return mask
+        return mask.astype(bool)
     sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
     return lab == (int(np.argmax(sizes)) + 1)
 
@@ -95,7 +96,7 @@ def head_mask(img: nib.Nifti1Image, working_mm: float = 4.0) -> nib.Nifti1Image:
     m = small > 0.5 * thr
     m = ndimage.binary_closing(m, structure=np.ones((3, 3, 3)), iterations=2, border_value=0)
     m = ndimage.binary_fill_holes(m)
-    m = _largest_component(m)
+    m = largest_component(m)
     for axis in range(3):  # slice-wise fill: heads touching the FOV edge are open in 3D
         m = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(m, axis, 0)], axis=0)
         m = np.moveaxis(m, 0, axis)

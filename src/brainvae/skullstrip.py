@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from brainvae.bias import largest_component
 from brainvae.errors import BrainvaeError
 
 __all__ = ["SkullstripError", "detect_skull_stripped", "dice", "skullstrip"]
@@ -94,7 +95,7 @@ def detect_skull_stripped(img: nib.Nifti1Image) -> bool:
         return False
     # Low threshold on the non-background voxels: captures all tissue of either kind.
     hi = float(np.percentile(data[fg], 99))
-    blob = _largest_component(data > bg_value + 0.05 * (hi - bg_value))
+    blob = largest_component(data > bg_value + 0.05 * (hi - bg_value))
     blob = ndi.binary_fill_holes(blob)
     volume_ml = float(blob.sum()) * voxel_ml
     if not 700.0 <= volume_ml <= 2300.0:
@@ -136,15 +137,6 @@ def _mask_image(mask: np.ndarray, ref: nib.Nifti1Image) -> nib.Nifti1Image:
     out = nib.Nifti1Image(mask.astype(np.uint8), ref.affine, header)
     out.set_data_dtype(np.uint8)
     return out
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 # ----------------------------------------------------------------------------- deepbet
@@ -337,12 +329,12 @@ def _template_mask(
     tissue |= core  # the deep brain (ventricles included) is brain whatever its intensity
 
     mask = _open_mm(tissue, zooms, 3.0)
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     mask = _close_mm(mask, zooms, 4.0)  # re-include sulcal CSF between gyri
     mask = ndi.binary_fill_holes(mask)
     # Smooth the outline a little (median-like: majority vote in a ~2 mm neighbourhood).
     mask = ndi.gaussian_filter(mask.astype(np.float32), sigma=1.0 / zooms) > 0.5
-    return _largest_component(mask & band)
+    return largest_component(mask & band)
 
 
 def _open_mm(mask: np.ndarray, zooms: np.ndarray, radius: float) -> np.ndarray:
