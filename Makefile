@@ -28,6 +28,12 @@ demo: env
 dryrun: env
 	$(BIN)/snakemake --dry-run --quiet
 
+# The HTML report of the last run (QC, training, reconstructions, PCA, classification, tables): open it
+# in a browser. Run after `make demo` (or your own run, with the same --configfile).
+REPORT ?= results/report.html
+report: env
+	$(BIN)/snakemake --report $(REPORT)
+
 test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

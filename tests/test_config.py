@@ -30,7 +30,7 @@ def test_defaults_are_filled(schema):
     assert config["output_dir"] == "results"
     assert config["datasets"][0]["include"] == [] and config["datasets"][0]["exclude"] == []
     assert config["conform"]["volume_index"] is None
-    assert config["demo"]["subjects"] == 40
+    assert config["demo"]["subjects"] == 24
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -89,6 +89,13 @@ def test_site_root_guard(tmp_path):
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         dc._prepare_site_root(tmp_path / "HCP")
     assert (tmp_path / "HCP" / "sub-x" / "anat" / "sub-x_T1w.nii.gz").read_bytes() == b"precious"
+    # A run killed half-way (scans written, final metadata not yet) is recognised as ours: the
+    # folder is claimed before the first scan is written.
+    dc._prepare_site_root(tmp_path / "IXI")
+    (tmp_path / "IXI" / "sub-ixi001" / "anat").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "IXI" / "sub-ixi001" / "anat" / "sub-ixi001_T1w.nii.gz").write_bytes(b"half-written")
+    dc._prepare_site_root(tmp_path / "IXI")
+    assert not (tmp_path / "IXI" / "sub-ixi001").exists()
 
 
 # ------------------------------------------------------------------------------------- generated

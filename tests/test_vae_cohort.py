@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainvae.vae.cohort import (build_cohort_array, check_splits, make_splits, mask_path_for,
-                                 read_index, select_training)
+from brainvae.vae.cohort import (build_cohort_array, check_splits, cohort_samples, make_splits,
+                                 mask_path_for, read_index, select_training, training_splits)
 
 
 def _samples(n_subjects: int = 40, sessions: int = 2) -> pd.DataFrame:
@@ -117,3 +117,36 @@ def test_select_training_defaults_to_euploid_training_datasets() -> None:
     selected = select_training(samples)
     assert set(selected["label"]) == {"euploid"} and samples.loc[0, "scan"] not in set(selected["scan"])
     assert set(select_training(samples, ["euploid", "DS"])["label"]) == {"euploid", "DS"}
+
+
+@pytest.mark.parametrize("n_subjects", [3, 4, 5, 7])
+def test_tiny_cohorts_get_a_subject_in_every_split(n_subjects: int) -> None:
+    samples = _samples(n_subjects, sessions=1).assign(label="euploid")
+    counts = make_splits(samples, seed=0)["split"].value_counts()
+    assert counts.get("train", 0) >= 1 and counts.get("val", 0) == 1 and counts.get("test", 0) == 1
+
+
+def test_cohort_samples_drop_qc_excluded_scans() -> None:
+    samples = _samples(4, sessions=1)
+    samples["scan_key"] = samples["scan"].str.replace("IXI_", "")
+    kept = cohort_samples(samples, [samples.loc[1, "scan_key"]])
+    assert kept["scan"].tolist() == samples["scan"].drop(index=1).tolist()
+
+
+def test_training_splits_follow_labels_roles_exclusions_and_qc() -> None:
+    samples = _samples(30, sessions=1)
+    samples["scan_key"] = samples["scan"]
+    samples.loc[samples["dataset"] == "ABIDE", "train"] = False  # an analyse-only dataset
+    failed = samples.loc[(samples["label"] == "euploid") & samples["train"], "scan"].iloc[0]
+    excluded = samples.loc[(samples["label"] == "euploid") & samples["train"], "scan"].iloc[1]
+    qc = pd.DataFrame({"scan": samples["scan"], "passed": ["False" if s == failed else "True"
+                                                          for s in samples["scan"]]})
+    splits = training_splits(samples, exclude=[excluded], qc_table=qc, seed=2)
+    chosen = samples.set_index("scan").loc[splits["scan"]]
+    assert set(chosen["label"]) == {"euploid"} and chosen["train"].all()
+    assert failed not in set(splits["scan"]) and excluded not in set(splits["scan"])
+    assert set(splits["split"]) == {"train", "val", "test"}
+    every_label = training_splits(samples, train_labels=None, seed=2)
+    assert set(samples.set_index("scan").loc[every_label["scan"], "label"]) == {"euploid", "DS"}
+    with pytest.raises(ValueError, match="at least one each"):
+        training_splits(samples, train_labels=["nobody"])

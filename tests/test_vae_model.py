@@ -78,3 +78,14 @@ def test_loss_terms() -> None:
     assert total.item() == pytest.approx(1.0 + 0.5 * 2.0 / 4)  # KL per scored voxel
     _, rec_all, _ = vae_loss(recon, x, mu, logvar, beta=1.0, kind="l1")
     assert rec_all.item() == pytest.approx(2.0)
+
+
+def test_a_fresh_model_reconstructs_its_mean_image() -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(in_shape=(16, 16, 16), widths=(4, 8), latent_dim=3)).eval()
+    mean = torch.rand(16, 16, 16)
+    model.set_mean_image(mean)
+    with torch.no_grad():
+        recon, _, _ = model(torch.randn(2, 1, 16, 16, 16))
+    torch.testing.assert_close(recon, mean.expand(2, 1, 16, 16, 16))  # the output layer starts at zero
+    assert torch.equal(model.state_dict()["mean_image"][0, 0], mean)  # saved with the weights

@@ -938,6 +938,10 @@ def _prepare_site_root(root: Path) -> None:
         for child in root.glob("sub-*"):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
+    # Claim the folder before the first scan is written, so a run killed half-way leaves a folder
+    # the next run recognises as its own (the full description is written at the end).
+    _write_json(description, {"Name": "brainvae synthetic demo cohort (incomplete)", "BIDSVersion": "1.10.0",
+                              "GeneratedBy": [{"Name": _GENERATOR, "Version": __version__}]})
 
 
 def _write_site_metadata(out: Path, site: str, records: list[dict[str, Any]], n_subjects: int, seed: int,

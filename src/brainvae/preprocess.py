@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from brainvae.bias import N4_ITERATIONS, N4_SHRINK_FACTOR, head_mask, n4_bias_correct, set_threads
+from brainvae.bias import N4_BIAS_FWHM, N4_ITERATIONS, N4_SHRINK_FACTOR, head_mask, n4_bias_correct, set_threads
 from brainvae.errors import InputError
 from brainvae.io import atomic_write_json, atomic_write_nifti
 from brainvae.registration import (
@@ -67,6 +66,7 @@ def bias_correct_file(
     shrink_factor: int = N4_SHRINK_FACTOR,
     iterations: Sequence[int] = N4_ITERATIONS,
     convergence: float = 1e-6,
+    bias_fwhm: float = N4_BIAS_FWHM,
     threads: int | None = None,
 ) -> None:
     """Step 1: N4 inside a head mask; writes corrected image, bias field (, head mask)."""
@@ -75,7 +75,8 @@ def bias_correct_file(
     img = _load(in_t1w)
     try:
         corrected, biasfield, mask = n4_bias_correct(
-            img, shrink_factor=shrink_factor, iterations=iterations, convergence=convergence)
+            img, shrink_factor=shrink_factor, iterations=iterations, convergence=convergence,
+            bias_fwhm=bias_fwhm)
     except ValueError as exc:
         raise InputError(in_t1w, f"bias correction failed: {exc}") from exc
     atomic_write_nifti(corrected, out_corrected)

@@ -268,6 +268,10 @@ def qc_flags(metrics: Mapping[str, Any], thresholds: Mapping[str, float] | None 
         v = value(key)
         if v is not None and failed(v):
             flags.append(flag)
+    # Set by the skull-strip step (skullstrip.detect_skull_stripped): the input had no scalp or skull, so
+    # the level-1 registration to a whole-head template and the intensity statistics are suspect.
+    if metrics.get("input_skull_stripped") is True:
+        flags.append("input_skull_stripped")
     return flags
 
 
@@ -302,6 +306,16 @@ def outlier_flags(
 
 
 # ----------------------------------------------------------------------------- table
+
+
+def failed_input_rows(failed_inputs: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """QC-table rows of scans whose input file could not be used (``failed_inputs.tsv``, see
+    :mod:`brainvae.failures`): keyed like the other rows by scan key, with no metrics."""
+    if failed_inputs is None or failed_inputs.empty:
+        return []
+    return [{"scan": row["scan_key"], "flags": ["input_error"], "excluded": True, "passed": False,
+             "failed_step": row["step"], "failure_reason": row["reason"], "input_path": row["path"]}
+            for _, row in failed_inputs.iterrows()]
 
 
 def qc_table(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

@@ -230,6 +230,9 @@ class RegistrationParams:
     sampling_rate: float = 0.25
 
 
+#: Seed of ANTs' random metric sampling.
+REGISTRATION_SEED = 2026
+
 #: Level 1: coarse and robust (rigid, then affine).
 LEVEL1_RIGID = RegistrationParams(4.0, (4, 2, 1), (2.0, 1.0, 0.0), (100, 50, 25))
 LEVEL1_AFFINE = RegistrationParams(4.0, (2, 1), (1.0, 0.0), (50, 25))
@@ -243,28 +246,36 @@ def _ants_linear(fixed, moving, transform: str, init_ras: np.ndarray, p: Registr
     """One ANTs linear stage; returns the resulting native->MNI RAS affine (init included)."""
     import ants
 
-    with tempfile.TemporaryDirectory(prefix="brainvae_reg_") as tmp:
-        init_path = os.path.join(tmp, "init.mat")
-        ants.write_transform(matrix_to_ants_transform(ras_to_itk(init_ras)), init_path)
-        out = ants.registration(
-            fixed=fixed,
-            moving=moving,
-            type_of_transform=transform,
-            initial_transform=[init_path],
-            outprefix=os.path.join(tmp, "reg_"),
-            mask=fixed_mask,
-            aff_metric=p.metric,
-            aff_sampling=32,
-            aff_random_sampling_rate=p.sampling_rate,
-            aff_iterations=p.iterations,
-            aff_shrink_factors=p.shrink_factors,
-            aff_smoothing_sigmas=p.smoothing_sigmas,
-        )
-        # With collapsed output (-z 1) the single GenericAffine already contains the initial
-        # transform, so it is the full fixed->moving map.
-        (mat,) = out["fwdtransforms"]
-        tx = ants.read_transform(mat, precision="double")
-        return itk_to_ras(ants_transform_to_matrix(tx))
+    # A fixed seed: the metric samples random points, so without one every run differs (bitwise
+    # reruns need it and the same thread count). ANTsPy 0.6 passes `--random-seed` to
+    # antsRegistration only from this module-level setting; restored afterwards.
+    previous_seed = ants.config._random_seed
+    ants.config._random_seed = REGISTRATION_SEED
+    try:
+        with tempfile.TemporaryDirectory(prefix="brainvae_reg_") as tmp:
+            init_path = os.path.join(tmp, "init.mat")
+            ants.write_transform(matrix_to_ants_transform(ras_to_itk(init_ras)), init_path)
+            out = ants.registration(
+                fixed=fixed,
+                moving=moving,
+                type_of_transform=transform,
+                initial_transform=[init_path],
+                outprefix=os.path.join(tmp, "reg_"),
+                mask=fixed_mask,
+                aff_metric=p.metric,
+                aff_sampling=32,
+                aff_random_sampling_rate=p.sampling_rate,
+                aff_iterations=p.iterations,
+                aff_shrink_factors=p.shrink_factors,
+                aff_smoothing_sigmas=p.smoothing_sigmas,
+            )
+            # With collapsed output (-z 1) the single GenericAffine already contains the initial
+            # transform, so it is the full fixed->moving map.
+            (mat,) = out["fwdtransforms"]
+            tx = ants.read_transform(mat, precision="double")
+            return itk_to_ras(ants_transform_to_matrix(tx))
+    finally:
+        ants.config._random_seed = previous_seed
 
 
 @dataclass

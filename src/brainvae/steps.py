@@ -84,11 +84,13 @@ def preprocess_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mas
 
 def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike, in_transform: PathLike,
             level_jsons: Mapping[str, PathLike], out_png: PathLike, out_json: PathLike, *, scan: str,
-            thresholds: Mapping[str, float] | None = None, grid: str = "2mm") -> dict[str, Any]:
+            thresholds: Mapping[str, float] | None = None, grid: str = "2mm",
+            skullstrip_info: PathLike | None = None) -> dict[str, Any]:
     """QC of one scan: metrics, automatic flags and a three-plane picture on a 2 mm MNI grid.
 
     The picture and metrics use their own resampling of the corrected head (display only; the
-    training volume comes from :func:`preprocess_file`).
+    training volume comes from :func:`preprocess_file`). ``skullstrip_info`` (the skull-strip step's
+    JSON) carries its verdict on whether the input was already skull stripped into the metrics.
     """
     from .preprocess import preprocess_image
     from .qc import qc_figure, qc_flags, qc_metrics
@@ -103,6 +105,8 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
     for level, path in level_jsons.items():
         # Registration-time correlations (level 1 against the head template, level 2 against the brain).
         metrics[f"{level}_correlation"] = read_json(path).get("template_correlation")
+    if skullstrip_info is not None:
+        metrics["input_skull_stripped"] = bool(read_json(skullstrip_info).get("InputAlreadySkullStripped"))
     metrics["flags"] = qc_flags(metrics, thresholds)
     title = f"{scan}   r={metrics['template_correlation']:.2f}   brain {metrics['brain_volume_ml']:.0f} mL" + (
         f"   FLAGS: {', '.join(metrics['flags'])}" if metrics["flags"] else "")
@@ -111,9 +115,14 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
     return metrics
 
 
-def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, excluded: Sequence[str] = ()) -> pd.DataFrame:
-    """Cohort QC table: one row per scan with metrics, automatic flags, cohort outliers and exclusions."""
-    from .qc import outlier_flags, qc_table, write_qc_table
+def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, excluded: Sequence[str] = (),
+                  failed_inputs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Cohort QC table: one row per scan with metrics, automatic flags, cohort outliers and exclusions.
+
+    ``failed_inputs`` (see :mod:`brainvae.failures`) adds a row per scan whose input file could not be
+    used: no metrics, flag ``input_error``, ``excluded`` and not ``passed``, with the failed step and reason.
+    """
+    from .qc import failed_input_rows, outlier_flags, qc_table, write_qc_table
 
     rows = [read_json(path) for path in metric_jsons]
     table = pd.DataFrame(rows)
@@ -122,6 +131,7 @@ def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, exclud
         table.at[index, "flags"] = list(table.at[index, "flags"]) + list(outliers.get(index, []))
     table["excluded"] = table["scan"].isin(set(excluded)) if len(table) else []
     table["passed"] = table["flags"].map(len).eq(0) & ~table["excluded"] if len(table) else []
-    formatted = qc_table(table.to_dict("records"))
+    rows = table.to_dict("records") + failed_input_rows(failed_inputs)
+    formatted = qc_table(rows)
     write_qc_table(formatted, out_tsv)
     return formatted

@@ -1,12 +1,21 @@
 # Configuration, the samples table and helpers shared by every rule file.
 
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
+BRAINVAE_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, BRAINVAE_SRC)  # run from a checkout without installing
+# Job scripts import brainvae from here too: the conda envs do not install it (envs/*.yaml); the
+# profiles set conda-not-block-search-path-envvars so PYTHONPATH reaches them. (Set, not required from
+# the user: hence no `envvars:` directive.)
+PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if BRAINVAE_SRC not in PYTHONPATH:
+    os.environ.update(PYTHONPATH=os.pathsep.join([BRAINVAE_SRC, *PYTHONPATH]))
 
 from brainvae.config import validate_config
-from brainvae.inputs import write_samples
+from brainvae.failures import read_failed_inputs, records_dir, split_failed_inputs, write_failed_inputs
+from brainvae.inputs import read_samples, write_samples
 from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -15,10 +24,26 @@ OUT = config["output_dir"]
 DERIV = f"{OUT}/derivatives/brainvae"
 LOGS = f"{OUT}/logs"
 SAMPLES_TSV = f"{OUT}/samples.tsv"
+# Scans whose input file failed validation in an earlier run (brainvae.failures): left out of SAMPLES
+# until the file or the conform settings change; listed here and in qc/qc.tsv.
+FAILED_INPUTS_TSV = f"{OUT}/failed_inputs.tsv"
+FAILED_INPUT_RECORDS = records_dir(OUT)
 
 # Indexed once per workflow start; written only when its content changes, so a no-op run stays one.
-SAMPLES = build_samples(config).set_index("scan", drop=False)
-write_samples(SAMPLES, SAMPLES_TSV)
+# A job's own Snakemake process (every cluster job, e.g. SLURM) parses this file again: it reads the
+# table its workflow start wrote instead of indexing every BIDS dataset once per job.
+if workflow.is_main_process or not Path(SAMPLES_TSV).is_file():
+    SAMPLES, FAILED_INPUTS = split_failed_inputs(build_samples(config), FAILED_INPUT_RECORDS, config["conform"])
+    write_samples(SAMPLES, SAMPLES_TSV)
+    write_failed_inputs(FAILED_INPUTS, FAILED_INPUTS_TSV)
+    if len(FAILED_INPUTS):
+        print(f"brainvae: {len(FAILED_INPUTS)} scan(s) left out because their input file failed validation in an "
+              f"earlier run (listed in {FAILED_INPUTS_TSV}; fix the file or the conform settings to process them):\n"
+              + "\n".join(f"  {row.path}: {row.reason}" for row in FAILED_INPUTS.itertuples()), file=sys.stderr)
+else:
+    SAMPLES = read_samples(SAMPLES_TSV)
+    FAILED_INPUTS = read_failed_inputs(FAILED_INPUTS_TSV)
+SAMPLES = SAMPLES.set_index("scan", drop=False)
 
 
 wildcard_constraints:

@@ -8,6 +8,10 @@ rule derivatives_description:
         f"{LOGS}/derivatives_description.log",
     params:
         datasets=[d["name"] for d in config["datasets"]],
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
     conda:
         "../../envs/preprocess.yaml"
     script:

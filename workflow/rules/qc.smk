@@ -9,6 +9,7 @@ rule qc_scan:
         xfm=rules.register_level2.output.xfm,
         level1=rules.register_level1.output.info,
         level2=rules.register_level2.output.info,
+        strip_info=rules.skullstrip.output.info,
     output:
         png=report(
             f"{DERIV}/{{scan}}_desc-qc_T1w.png",
@@ -37,7 +38,9 @@ rule qc_scan:
 
 rule qc_table:
     input:
-        expand(f"{DERIV}/{{scan}}_desc-qc_metrics.json", scan=SAMPLES.index),
+        metrics=expand(f"{DERIV}/{{scan}}_desc-qc_metrics.json", scan=SAMPLES.index),
+        # Scans left out because their input file failed validation: rows with their reason.
+        failed_inputs=FAILED_INPUTS_TSV,
     output:
         report(f"{OUT}/qc/qc.tsv", caption="../report/qc_table.rst", category="Quality control"),
     log:

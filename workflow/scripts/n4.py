@@ -8,5 +8,5 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
     p = snakemake.params
     bias_correct_file(snakemake.input.image, snakemake.output.corrected, snakemake.output.biasfield,
                       snakemake.output.headmask, shrink_factor=p.shrink_factor, iterations=p.iterations,
-                      convergence=p.convergence, threads=snakemake.threads)
+                      convergence=p.convergence, bias_fwhm=p.bias_fwhm, threads=snakemake.threads)
     log.info("N4 done: %s", snakemake.output.biasfield)

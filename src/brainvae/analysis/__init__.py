@@ -9,97 +9,83 @@ Pure functions (no Snakemake): the workflow's rules call them; the tests call th
 * :mod:`~brainvae.analysis.stats`: confidence intervals for CV metrics, permutation p-values.
 * :mod:`~brainvae.analysis.tables` / :mod:`~brainvae.analysis.plots`: TSV/Markdown tables, figures.
 * :mod:`~brainvae.analysis.outputs`: all tables and figures of a classification run in one call.
+* :mod:`~brainvae.analysis.steps`: the file-level steps the workflow's analysis rules call.
+* :mod:`~brainvae.analysis.names`: the file names they write (light: the workflow imports it at start).
+
+Names are imported on first use (PEP 562), so ``import brainvae.analysis.names`` at workflow start does
+not pull in scikit-learn and matplotlib.
 """
 
-from brainvae.analysis.classify import (
-    CLASSIFIERS,
-    METRICS,
-    ClassificationResult,
-    NestedCVResult,
-    build_pipeline,
-    encode_labels,
-    nested_cv,
-    permutation_null,
-    run_classification,
-    site_check,
-)
-from brainvae.analysis.cv import (
-    OuterFold,
-    check_labels,
-    folds_from_table,
-    folds_to_table,
-    make_outer_folds,
-    participant_groups,
-    permute_labels_by_group,
-)
-from brainvae.analysis.errors import AnalysisError
-from brainvae.analysis.features import (
-    FeatureSet,
-    affine_scale,
-    align_rows,
-    confound_matrix,
-    icv_ml,
-    latent_matrix,
-    load_latents,
-    load_voxel_matrix,
-    voxel_matrix_from_images,
-)
-from brainvae.analysis.outputs import write_classification_outputs
-from brainvae.analysis.pca import PCAResult, explained_variance_table, fit_pca, pca_report, pca_scores_table
-from brainvae.analysis.stats import confidence_interval, permutation_p_value
-from brainvae.analysis.tables import (
-    classification_table,
-    format_classification_table,
-    format_reconstruction_table,
-    reconstruction_table,
-    summarise_folds,
-    to_markdown,
-    write_table,
-    write_tsv,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CLASSIFIERS",
-    "METRICS",
-    "AnalysisError",
-    "ClassificationResult",
-    "FeatureSet",
-    "NestedCVResult",
-    "OuterFold",
-    "PCAResult",
-    "affine_scale",
-    "align_rows",
-    "build_pipeline",
-    "check_labels",
-    "classification_table",
-    "confidence_interval",
-    "confound_matrix",
-    "encode_labels",
-    "explained_variance_table",
-    "fit_pca",
-    "folds_from_table",
-    "folds_to_table",
-    "format_classification_table",
-    "format_reconstruction_table",
-    "icv_ml",
-    "latent_matrix",
-    "load_latents",
-    "load_voxel_matrix",
-    "make_outer_folds",
-    "nested_cv",
-    "participant_groups",
-    "pca_report",
-    "pca_scores_table",
-    "permutation_null",
-    "permutation_p_value",
-    "permute_labels_by_group",
-    "reconstruction_table",
-    "run_classification",
-    "site_check",
-    "summarise_folds",
-    "to_markdown",
-    "voxel_matrix_from_images",
-    "write_classification_outputs",
-    "write_table",
-    "write_tsv",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_SOURCES = {
+    "AnalysisError": "errors",
+    "CLASSIFIERS": "classify",
+    "ClassificationResult": "classify",
+    "FeatureSet": "features",
+    "METRICS": "classify",
+    "NestedCVResult": "classify",
+    "OuterFold": "cv",
+    "PCAResult": "pca",
+    "affine_scale": "features",
+    "align_rows": "features",
+    "block_mean": "features",
+    "build_pipeline": "classify",
+    "check_labels": "cv",
+    "classification_figure_names": "names",
+    "classification_output_files": "names",
+    "classification_table": "tables",
+    "confidence_interval": "stats",
+    "confound_matrix": "features",
+    "encode_labels": "classify",
+    "explained_variance_table": "pca",
+    "fit_pca": "pca",
+    "folds_from_table": "cv",
+    "folds_to_table": "cv",
+    "format_classification_table": "tables",
+    "format_reconstruction_summary": "tables",
+    "format_reconstruction_table": "tables",
+    "icv_ml": "features",
+    "latent_matrix": "features",
+    "load_latents": "features",
+    "load_voxel_matrix": "features",
+    "make_outer_folds": "cv",
+    "nested_cv": "classify",
+    "participant_groups": "cv",
+    "pca_output_files": "names",
+    "pca_report": "pca",
+    "pca_scores_table": "pca",
+    "permutation_null": "classify",
+    "permutation_p_value": "stats",
+    "permute_labels_by_group": "cv",
+    "reconstruction_summary_table": "tables",
+    "reconstruction_table": "tables",
+    "run_classification": "classify",
+    "site_check": "classify",
+    "summarise_folds": "tables",
+    "to_html": "tables",
+    "to_markdown": "tables",
+    "voxel_matrix_from_cohort": "features",
+    "voxel_matrix_from_images": "features",
+    "write_classification_outputs": "outputs",
+    "write_table": "tables",
+    "write_tsv": "tables",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'brainvae.analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"brainvae.analysis.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})

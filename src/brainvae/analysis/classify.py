@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from joblib import Memory, Parallel, delayed
-from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression

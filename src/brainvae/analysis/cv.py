@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from brainvae.analysis.errors import AnalysisError
+from brainvae.analysis.names import MIN_PARTICIPANTS_PER_CLASS
 
 __all__ = [
     "MIN_PARTICIPANTS_PER_CLASS",
@@ -32,10 +33,6 @@ __all__ = [
     "participant_groups",
     "permute_labels_by_group",
 ]
-
-# Nested CV needs >= 2 outer folds, and each outer training set needs >= 2 participants of every
-# class for a >= 2-fold inner split: with 3 participants and 3 outer folds every training set has 2.
-MIN_PARTICIPANTS_PER_CLASS = 3
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ __all__ = [
     "load_latents",
     "load_voxel_matrix",
     "scan_keys",
+    "block_mean",
+    "voxel_matrix_from_cohort",
     "voxel_matrix_from_images",
 ]
 
@@ -195,6 +197,67 @@ def voxel_matrix_from_images(
             if img.shape[:3] != shape or not np.allclose(img.affine, first.affine, atol=1e-4):
                 raise AnalysisError(str(p), f"grid differs from {paths[0]}; voxel features need one common grid")
             out[i] = np.asarray(img.dataobj, dtype=np.float32)[keep]
+        out.flush()
+        del out
+    return np.load(out_npy, mmap_mode="r")
+
+
+def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over non-overlapping ``factor``³ blocks (edges zero-padded to a whole block).
+
+    Averaging (not striding) keeps every voxel's contribution, so a coarser voxel baseline is a
+    smoothed image, not an aliased subsample.
+    """
+    v = np.asarray(volume, dtype=np.float32)
+    if factor == 1:
+        return v
+    if factor < 1:
+        raise AnalysisError("voxel downsampling", f"factor {factor} must be >= 1")
+    pad = [(0, (-n) % factor) for n in v.shape]
+    v = np.pad(v, pad)
+    x, y, z = (n // factor for n in v.shape)
+    return v.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5))
+
+
+def voxel_matrix_from_cohort(
+    array_path: str | os.PathLike[str],
+    mask_path: str | os.PathLike[str],
+    out_npy: str | os.PathLike[str],
+    *,
+    downsample: int = 1,
+) -> np.ndarray:
+    """The cohort array (scans × X × Y × Z) as a scans × voxels float32 ``.npy`` (row i = volume i).
+
+    Columns: the voxels inside the union of all scans' brain masks (after ``downsample``, a block
+    mean), so background never enters the baseline. The union uses no labels, so building it on
+    every scan leaks nothing into the classification. Written row by row; returns a read-only memmap.
+    """
+    from brainvae.io import atomic_path
+
+    array_path, mask_path = Path(array_path), Path(mask_path)
+    for p in (array_path, mask_path):
+        if not p.exists():
+            raise AnalysisError(str(p), "file does not exist")
+    volumes = np.load(array_path, mmap_mode="r")
+    masks = np.load(mask_path, mmap_mode="r")
+    if volumes.ndim != 4 or masks.shape != volumes.shape:
+        raise AnalysisError(str(array_path), f"expected scans × X × Y × Z volumes and masks of one shape, got "
+                                             f"{volumes.shape} and {masks.shape}")
+    if volumes.shape[0] == 0:
+        raise AnalysisError(str(array_path), "the cohort array holds no scans")
+    union = np.zeros(volumes.shape[1:], dtype=bool)
+    for i in range(masks.shape[0]):
+        union |= np.asarray(masks[i]) > 0
+    keep = block_mean(union, downsample) > 0
+    if not keep.any():
+        raise AnalysisError(str(mask_path), "every brain mask is empty")
+    with atomic_path(out_npy, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(volumes.shape[0], int(keep.sum())))
+        for i in range(volumes.shape[0]):
+            row = block_mean(np.asarray(volumes[i], dtype=np.float32), downsample)[keep]
+            if not np.isfinite(row).all():
+                raise AnalysisError(str(array_path), f"non-finite voxel values in volume {i}")
+            out[i] = row
         out.flush()
         del out
     return np.load(out_npy, mmap_mode="r")

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from brainvae.analysis.classify import ClassificationResult
 from brainvae.analysis.cv import folds_to_table
+from brainvae.analysis.names import classification_figure_names, slug
 from brainvae.analysis.plots import plot_confusion, plot_metric_summary, plot_roc
 from brainvae.analysis.tables import classification_table, format_classification_table, write_table, write_tsv
 from brainvae.io import atomic_write_json
 
 __all__ = ["write_classification_outputs"]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
 
 
 def write_classification_outputs(
@@ -37,7 +33,7 @@ def write_classification_outputs(
     ``predictions.tsv`` (every outer test prediction; with scan ids when ``meta`` is given),
     ``outer_folds.tsv`` (participant → repeat/fold, to reuse the same folds elsewhere),
     ``permutations.tsv`` and ``null.tsv`` (permutation test), ``summary.tsv`` (long: metric mean,
-    sd, CI), ``classification.tsv`` / ``classification.md`` (one row per feature set × classifier),
+    sd, CI), ``classification.tsv`` / ``.md`` / ``.html`` (one row per feature set × classifier),
     ``settings.json``; figures ``roc_<features>_<classifier>.png`` (binary labels only),
     ``confusion_<features>_<classifier>.png`` and ``summary_<metric>.png``. ``model`` adds a model
     column to the tables so several models' tables can be concatenated.
@@ -70,8 +66,11 @@ def write_classification_outputs(
         f"mean ± sd over outer folds [{int(100 * confidence)}% CI, {ci}]."
     )
     table_paths = write_table(wide, out / "classification.tsv", out / "classification.md",
-                              formatted=format_classification_table(wide, metrics=metrics), caption=caption)
+                              formatted=format_classification_table(wide, metrics=metrics), caption=caption,
+                              html_path=out / "classification.html",
+                              title=f"{model + ': ' if model else ''}classification of '{result.label}'")
     paths["classification"], paths["classification_md"] = table_paths["tsv"], table_paths["md"]
+    paths["classification_html"] = table_paths["html"]
     if figures:
         chance_ba = 1.0 / len(result.classes)
         paths["summary_plot"] = plot_metric_summary(
@@ -80,10 +79,11 @@ def write_classification_outputs(
             title=f"{model + ': ' if model else ''}{result.label}",
         )
         for (fs, clf), part in result.predictions.groupby(["feature_set", "classifier"], sort=False):
-            stem = f"{_slug(fs)}_{_slug(clf)}"
+            names = classification_figure_names(fs, clf, binary=binary)
+            stem = f"{slug(fs)}_{slug(clf)}"
             title = f"{model + ' · ' if model else ''}{fs} · {clf}"
             if binary:
-                paths[f"roc_{stem}"] = plot_roc(part, out / f"roc_{stem}.png", title=title,
+                paths[f"roc_{stem}"] = plot_roc(part, out / names["roc"], title=title,
                                                 positive_label=str(result.positive))
-            paths[f"confusion_{stem}"] = plot_confusion(part, result.classes, out / f"confusion_{stem}.png", title=title)
+            paths[f"confusion_{stem}"] = plot_confusion(part, result.classes, out / names["confusion"], title=title)
     return paths

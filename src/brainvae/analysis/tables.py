@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,12 @@ __all__ = [
     "METRIC_NAMES",
     "classification_table",
     "format_classification_table",
+    "format_reconstruction_summary",
     "format_reconstruction_table",
+    "reconstruction_summary_table",
     "reconstruction_table",
     "summarise_folds",
+    "to_html",
     "to_markdown",
     "write_table",
     "write_tsv",
@@ -87,10 +90,12 @@ def classification_table(
     keys = [c for c in _KEYS if c in summary.columns]
     metrics = list(dict.fromkeys(summary["metric"])) if metrics is None else list(metrics)
     part = summary[summary["metric"].isin(metrics)]
+    # dropna=False keeps all-NaN metrics, but makes every combination of the keys; keep the observed ones.
+    observed = part.groupby(keys, sort=False)["n_folds"].max()
     wide = part.pivot_table(index=keys, columns="metric", values=["mean", "sd", "ci_low", "ci_high"], sort=False,
-                            dropna=False)
+                            dropna=False).reindex(observed.index)
     out = pd.DataFrame(index=wide.index)
-    out["n_folds"] = part.groupby(keys, sort=False)["n_folds"].max()
+    out["n_folds"] = observed
     for m in metrics:
         for stat in ("mean", "sd", "ci_low", "ci_high"):
             out[f"{m}_{stat}"] = wide[(stat, m)] if (stat, m) in wide.columns else np.nan
@@ -179,6 +184,74 @@ def format_reconstruction_table(table: pd.DataFrame, *, digits: int = 4) -> pd.D
     return out
 
 
+def reconstruction_summary_table(
+    summaries: Mapping[str, pd.DataFrame], *, regions: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """One row per (model, method, region) from each model's evaluation ``summary.tsv``.
+
+    ``summaries``: model name → the VAE step's long table (method, metric, region, n, mean, sd,
+    ci_low, ci_high). Columns: model, method, region, n, then ``<metric>_{mean,sd,ci_low,ci_high}``
+    for every metric present (e.g. mse, mae, psnr, ssim). ``regions``: keep only these.
+    """
+    needed = {"method", "metric", "region", "n", "mean", "sd", "ci_low", "ci_high"}
+    parts = []
+    for model, summary in summaries.items():
+        missing = sorted(needed - set(summary.columns))
+        if missing:
+            raise AnalysisError(f"evaluation summary of model '{model}'", f"missing column(s): {', '.join(missing)}")
+        part = summary if regions is None else summary[summary["region"].isin(list(regions))]
+        parts.append(part.assign(model=model))
+    if not parts:
+        raise AnalysisError("reconstruction table", "no evaluation summaries given")
+    long = pd.concat(parts, ignore_index=True)
+    if long.empty:
+        raise AnalysisError("reconstruction table", "the evaluation summaries hold no rows")
+    keys = ["model", "method", "region"]
+    metrics = list(dict.fromkeys(long["metric"]))
+    observed = long.groupby(keys, sort=False)["n"].max()
+    wide = long.pivot_table(index=keys, columns="metric", values=["mean", "sd", "ci_low", "ci_high"], sort=False,
+                            dropna=False).reindex(observed.index)
+    out = pd.DataFrame(index=wide.index)
+    out["n"] = observed
+    for m in metrics:
+        for stat in ("mean", "sd", "ci_low", "ci_high"):
+            out[f"{m}_{stat}"] = wide[(stat, m)] if (stat, m) in wide.columns else np.nan
+    return out.reset_index()
+
+
+def format_reconstruction_summary(table: pd.DataFrame, *, digits: int = 4) -> pd.DataFrame:
+    """``mean ± sd [ci_low, ci_high]`` strings for :func:`reconstruction_summary_table` output."""
+    metrics = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+    keys = [c for c in ("model", "method", "region", "n") if c in table.columns]
+    out = table[keys].rename(columns={"model": "Model", "method": "Method", "region": "Region"}).copy()
+
+    def num(x: float) -> str:
+        return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}g}"
+
+    for m in metrics:
+        out[m.upper() if len(m) <= 4 else m] = [
+            f"{num(r[f'{m}_mean'])} ± {num(r[f'{m}_sd'])} [{num(r[f'{m}_ci_low'])}, {num(r[f'{m}_ci_high'])}]"
+            for _, r in table.iterrows()
+        ]
+    return out
+
+
+def to_html(table: pd.DataFrame, *, title: str = "", caption: str | None = None) -> str:
+    """A self-contained HTML page with the table (the Snakemake report shows HTML inline)."""
+    import html
+
+    body = table.to_html(index=False, border=0, na_rep="–", escape=True, classes="brainvae-table")
+    head = f"<h3>{html.escape(title)}</h3>\n" if title else ""
+    note = f"<p>{html.escape(caption)}</p>\n" if caption else ""
+    style = (
+        "body{font-family:sans-serif;font-size:13px;margin:1em}"
+        "table{border-collapse:collapse}th,td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;"
+        "white-space:nowrap}th{background:#f3f3f3}p{max-width:60em;color:#444}"
+    )
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title or 'table')}</title>"
+            f"<style>{style}</style></head>\n<body>\n{head}{note}{body}\n</body></html>\n")
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency); ``|`` in cells is escaped."""
     def cell(v: object) -> str:
@@ -203,12 +276,18 @@ def write_table(
     *,
     formatted: pd.DataFrame | None = None,
     caption: str | None = None,
+    html_path: str | os.PathLike[str] | None = None,
+    title: str = "",
 ) -> dict[str, Path]:
-    """Numbers to ``tsv_path``; ``formatted`` (default: ``numeric``) to ``md_path`` as Markdown."""
+    """Numbers to ``tsv_path``; ``formatted`` (default: ``numeric``) to ``md_path`` as Markdown and to
+    ``html_path`` as an HTML page (for the report), each with ``caption``."""
     paths = {"tsv": write_tsv(numeric, tsv_path)}
+    shown = numeric if formatted is None else formatted
     if md_path is not None:
-        text = to_markdown(numeric if formatted is None else formatted)
+        text = to_markdown(shown)
         if caption:
             text = f"{caption}\n\n{text}"
         paths["md"] = atomic_write_text(text, md_path)
+    if html_path is not None:
+        paths["html"] = atomic_write_text(to_html(shown, title=title, caption=caption), html_path)
     return paths

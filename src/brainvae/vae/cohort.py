@@ -30,11 +30,13 @@ __all__ = [
     "SPLITS",
     "build_cohort_array",
     "check_splits",
+    "cohort_samples",
     "make_splits",
     "mask_path_for",
     "read_index",
     "read_splits",
     "select_training",
+    "training_splits",
     "write_splits",
 ]
 
@@ -153,6 +155,13 @@ def _largest_remainder(total: int, fractions: np.ndarray) -> np.ndarray:
     counts = np.floor(exact).astype(int)
     order = np.argsort(-(exact - counts), kind="stable")
     counts[order[: total - counts.sum()]] += 1
+    # A split asked for (fraction > 0) gets at least one subject when there are enough subjects,
+    # taken from the largest split: a tiny cohort still has a validation and a test subject.
+    wanted = fractions > 0
+    if total >= wanted.sum():
+        for k in np.flatnonzero(wanted & (counts == 0)):
+            counts[int(np.argmax(counts))] -= 1
+            counts[k] += 1
     return counts
 
 
@@ -220,9 +229,62 @@ def make_splits(
                 k = int(np.argmax(need)) if need.max() > 0 else int(np.argmax(fr))
                 assignment[subject] = SPLITS[k]
                 need[k] -= 1
+    # Per-stratum floors can overfill train in a tiny cohort (one stratum of 3 subjects: 2 + 1);
+    # move a subject from the most overfilled split into any wanted split that is still empty.
+    for k, name in enumerate(SPLITS):
+        filled = {s: sum(v == s for v in assignment.values()) for s in SPLITS}
+        if target[k] > 0 and filled[name] == 0:
+            donor = max(SPLITS, key=lambda s: (filled[s] - target[SPLITS.index(s)], filled[s]))
+            moved = sorted(subj for subj, v in assignment.items() if v == donor)[-1]
+            assignment[moved] = name
     out = pd.DataFrame({"scan": df["scan"].to_numpy(), "split": df["_g"].map(assignment).to_numpy()})
     check_splits(samples_df, out, group=group)
     return out
+
+
+def cohort_samples(samples_df: pd.DataFrame, exclude: Sequence[str] = ()) -> pd.DataFrame:
+    """The scans that go into the cohort array: every scan except those whose ``scan_key`` (or
+    ``scan``) is in ``exclude`` (``qc.exclude``), in the samples table's order."""
+    excluded = set(exclude)
+    keys = samples_df["scan_key"] if "scan_key" in samples_df.columns else samples_df["scan"]
+    keep = ~(keys.isin(excluded) | samples_df["scan"].isin(excluded))
+    return samples_df[keep].reset_index(drop=True)
+
+
+def training_splits(
+    samples_df: pd.DataFrame,
+    *,
+    train_labels: Sequence[str] | None = ("euploid",),
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    qc_table: str | os.PathLike[str] | pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Splits of the scans the VAE may learn from, as the workflow builds them.
+
+    Candidates are :func:`cohort_samples` (``exclude`` removed) of training datasets whose label is
+    in ``train_labels`` (``None``: every label), see :func:`select_training`. With a ``qc_table``
+    (``qc/qc.tsv``: ``scan`` = scan key, ``passed``), scans that did not pass QC are left out too;
+    they stay in the cohort array and are still encoded. Raises ValueError when fewer than three
+    subjects remain, since train, validation and test each need one.
+    """
+    candidates = cohort_samples(samples_df, exclude)
+    if train_labels is None:
+        train_labels = sorted(candidates["label"].astype(str).unique())
+    candidates = select_training(candidates, train_labels)
+    if qc_table is not None:
+        if not isinstance(qc_table, pd.DataFrame):
+            qc_table = pd.read_csv(qc_table, sep="\t", dtype=str, keep_default_na=False)
+        passed = qc_table["passed"].astype(str).isin(["True", "true", "1"])
+        failed = set(qc_table.loc[~passed, "scan"].astype(str))
+        keys = candidates["scan_key"] if "scan_key" in candidates.columns else candidates["scan"]
+        candidates = candidates[~keys.isin(failed)].reset_index(drop=True)
+    subjects = candidates[[c for c in ("dataset", "subject") if c in candidates.columns]].drop_duplicates()
+    if len(subjects) < 3:
+        raise ValueError(f"only {len(subjects)} subject(s) can be used for training (labels "
+                         f"{list(train_labels)} of datasets with role train/both, QC passed); "
+                         "train, validation and test need at least one each")
+    return make_splits(candidates, fractions=fractions, seed=seed)
 
 
 def check_splits(samples_df: pd.DataFrame, splits: pd.DataFrame, group: str = "subject") -> None:

@@ -16,6 +16,12 @@ No convolution runs on multi-channel feature maps at full resolution: on CPU tho
 inefficient for tiny channel counts; reading/writing full resolution with the strided kernel-4
 (transposed) convolutions costs a fraction of that.
 
+The model works on deviations from a mean image (buffer ``mean_image``, zeros until
+:meth:`VAE.set_mean_image` fills it, as training does with the mean of the training volumes): the
+encoder sees ``x - mean_image`` and the decoder's output is added to it, the last layer starting at
+zero. Like PCA's centring, this starts the VAE at the mean brain instead of at zero; registered
+brains differ from their mean by a few percent, which is what the latent code has to carry.
+
 Transposed convolutions are used for upsampling (not trilinear interpolation) because the CUDA
 backward of trilinear upsampling is non-deterministic and would fail under
 ``torch.use_deterministic_algorithms(True)``.
@@ -171,6 +177,10 @@ class VAE(nn.Module):
         flat = w[-1] * math.prod(config.bottleneck_shape)
         self.fc_mu = nn.Linear(flat, config.latent_dim)
         self.fc_logvar = nn.Linear(flat, config.latent_dim)
+        # Start with a small posterior variance (sd ~0.05): with unit variance the decoder first
+        # sees codes drowned in noise and learns to ignore them (posterior collapse), since the
+        # deviations from the mean image it should encode are small.
+        nn.init.constant_(self.fc_logvar.bias, -6.0)
         self.fc_dec = nn.Linear(config.latent_dim, flat)
 
         dec: list[nn.Module] = []
@@ -180,11 +190,20 @@ class VAE(nn.Module):
             dec.append(_ConvNormAct(prev, width, config, transpose=True))
             prev = width
         dec.extend(_ResBlock(prev, config) for _ in range(config.blocks))
-        dec.append(nn.ConvTranspose3d(prev, 1, kernel_size=4, stride=2, padding=1))
+        head = nn.ConvTranspose3d(prev, 1, kernel_size=4, stride=2, padding=1)
+        nn.init.zeros_(head.weight)  # start by reconstructing the mean image exactly
+        nn.init.zeros_(head.bias)
+        dec.append(head)
         self.decoder = nn.Sequential(*dec)
+        self.register_buffer("mean_image", torch.zeros(1, 1, *config.in_shape))
+
+    @torch.no_grad()
+    def set_mean_image(self, mean: Tensor) -> None:
+        """Set the image the model encodes deviations from (shape ``in_shape``)."""
+        self.mean_image.copy_(mean.reshape(self.mean_image.shape).to(self.mean_image))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder(x).flatten(1)
+        h = self.encoder(x - self.mean_image.to(x.dtype)).flatten(1)
         lo, hi = self.config.logvar_clamp
         # Clamping keeps exp(logvar) finite in bf16/early training; gradients vanish only at the
         # bounds, far outside the useful range.
@@ -197,7 +216,8 @@ class VAE(nn.Module):
         h = self.fc_dec(z).view(z.shape[0], self.config.widths[-1], *self.config.bottleneck_shape)
         if self._channels_last():
             h = h.contiguous(memory_format=torch.channels_last_3d)
-        return self.decoder(h)
+        out = self.decoder(h)
+        return out + self.mean_image.to(out.dtype)
 
     def _channels_last(self) -> bool:
         weight = self.encoder[0][0].weight

@@ -1,0 +1,44 @@
+"""Model variants of the workflow configuration: shared ``training`` settings overlaid per model.
+
+The config has one ``training`` section (keys of :data:`brainvae.vae.train.DEFAULT_CONFIG` plus
+the run options :data:`RUN_KEYS`) and ``models: {name: overrides}``. A variant's settings are the
+shared ones with its overrides on top; ``model`` (the architecture) is merged key by key, so
+``{model: {latent_dim: 16}}`` keeps the shared widths.
+
+Imported by the Snakefile when it builds the DAG, so it must not import torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["RUN_KEYS", "split_run_options", "uses_cuda", "variant_settings"]
+
+#: Settings about where and how a job runs, not what is trained (not part of the model's config).
+RUN_KEYS = ("device", "threads", "deterministic")
+
+
+def variant_settings(training: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None
+                     ) -> dict[str, Any]:
+    """``training`` with ``overrides`` on top; the nested ``model`` mapping merged key by key."""
+    merged = copy.deepcopy(dict(training or {}))
+    for key, value in (overrides or {}).items():
+        if key == "model":
+            merged["model"] = {**dict(merged.get("model") or {}), **dict(value or {})}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def split_run_options(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(training config, run options)``: the run options are the :data:`RUN_KEYS` present."""
+    config = {k: copy.deepcopy(v) for k, v in settings.items() if k not in RUN_KEYS}
+    run = {k: settings[k] for k in RUN_KEYS if k in settings}
+    return config, run
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether a configured device asks for a GPU (``cuda``, ``cuda:1``); ``auto`` does not."""
+    return str(device).split(":", 1)[0] == "cuda"

@@ -1,0 +1,331 @@
+"""The whole workflow on a tiny demo cohort, up to the latents (and whatever else `rule all` asks for).
+
+One module-scoped run (`pipeline`) of `rule all` feeds every test here: splits, the model folder, the
+evaluation tables, the Parquet latents and a no-op rerun. Tests of later stages (analysis) belong in
+this module too and reuse the same fixture, so the preprocessing runs once.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from brainvae.vae.cohort import check_splits, read_index, read_splits
+from brainvae.vae.latents import export_latents, latent_schema, read_latents
+from brainvae.vae.train import config_sha256
+from test_workflow import REPO, planned_jobs, snakemake
+
+MODEL = "vae_tiny"
+# Small enough for CI on 2 cores: 6 subjects (about 4 euploid: one each in validation and test),
+# one epoch of a tiny network on the demo grid.
+TINY_TRAINING = {"epochs": 1, "threads": 1, "model": {"latent_dim": 4, "widths": [4, 8, 8], "blocks": 0}}
+# 7 subjects give 3 DS participants, the fewest the nested-CV classification accepts (6 give 2: skipped).
+TINY_SUBJECTS = 7
+TINY_ANALYSIS = {"outer_repeats": 1, "permutations": 3, "random_forest_trees": 10}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run `rule all` once on a 7-subject demo cohort; returns the working folder and config path."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    with open(REPO / "config" / "config.yaml") as handle:
+        config = yaml.safe_load(handle)
+    config["demo"]["subjects"] = TINY_SUBJECTS
+    config["analysis"] = {**config.get("analysis", {}), **TINY_ANALYSIS}
+    config["training"] = {**config.get("training", {}), **TINY_TRAINING}
+    config["models"] = {MODEL: {}}
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake(workdir, configfile)
+    results = workdir / "results"
+    return {"workdir": workdir, "configfile": configfile, "results": results,
+            "cohort": results / "cohort", "model": results / "models" / MODEL}
+
+
+def test_cohort_array_and_splits(pipeline):
+    samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    index = read_index(pipeline["cohort"] / "cohort_index.tsv")
+    assert index["scan"].tolist() == samples["scan"].tolist()  # every scan of every role, in order
+    assert index["row"].tolist() == list(range(len(samples)))
+    splits = read_splits(pipeline["cohort"] / "splits.tsv")
+    check_splits(index, splits)  # raises if a subject is in two splits
+    merged = index.merge(splits, on="scan")
+    assert (merged.groupby(["dataset", "subject"])["split"].nunique() == 1).all()
+    assert set(merged["split"]) == {"train", "val", "test"}
+    assert set(merged["label"]) == {"euploid"}  # the default: the VAE never sees DS scans
+    assert set(samples.loc[samples["label"] == "DS", "scan"]).isdisjoint(splits["scan"])
+
+
+def test_model_folder(pipeline):
+    model = pipeline["model"]
+    for name in ("model.pt", "config.json", "environment.txt", "metrics.json", "training_log.tsv",
+                 "training_curves.png"):
+        assert (model / name).stat().st_size > 0, name
+    config = json.loads((model / "config.json").read_text())
+    assert config["model"]["latent_dim"] == 4 and config["model"]["in_shape"] == [40, 48, 40]
+    assert "device" not in config  # run options are not part of the model's config
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["model_name"] == MODEL and metrics["epochs_run"] == 1 and metrics["device"] == "cpu"
+    assert metrics["config_sha256"] == config_sha256(config)
+    log = pd.read_csv(model / "training_log.tsv", sep="\t")
+    assert log["epoch"].tolist() == [1] and log["train_loss"].notna().all()
+    assert "torch==" in (model / "environment.txt").read_text()
+    # The checkpoint lives outside the outputs while training and is removed once it succeeded.
+    assert not (pipeline["results"] / ".checkpoints" / MODEL / "checkpoint.pt").exists()
+
+
+def test_evaluation_tables(pipeline):
+    evaluation = pipeline["model"] / "evaluation"
+    splits = read_splits(pipeline["cohort"] / "splits.tsv")
+    test_scans = set(splits.loc[splits["split"] == "test", "scan"])
+    per_scan = pd.read_csv(evaluation / "per_scan_metrics.tsv", sep="\t")
+    assert set(per_scan["method"]) == {"vae", "pca"}
+    assert set(per_scan["scan"]) == test_scans and len(per_scan) == 2 * len(test_scans)
+    summary = pd.read_csv(evaluation / "summary.tsv", sep="\t")
+    assert list(summary.columns) == ["method", "metric", "region", "n", "mean", "sd", "ci_low", "ci_high"]
+    assert set(summary["metric"]) == {"mse", "mae", "psnr", "ssim"}
+    assert set(summary["region"]) == {"mask", "whole"} and len(summary) == 16
+    ssim = summary[summary["metric"] == "ssim"]
+    assert ssim["mean"].between(-1, 1).all()
+    for name in ("reconstructions.png", "prior_samples.png"):
+        assert (evaluation / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latents_parquet(pipeline):
+    path = pipeline["results"] / "latents" / f"{MODEL}.parquet"
+    schema = pq.read_schema(path)
+    assert schema.remove_metadata().equals(latent_schema(4, ["age", "sex"]).remove_metadata())
+    table, meta = read_latents(path)
+    index = read_index(pipeline["cohort"] / "cohort_index.tsv")
+    assert table["scan"].tolist() == index["scan"].tolist()  # every scan, DS and analyse-only included
+    splits = read_splits(pipeline["cohort"] / "splits.tsv").set_index("scan")["split"]
+    assert table["split"].tolist() == [splits.get(s, "none") for s in table["scan"]]
+    model = pipeline["model"]
+    assert meta["brainvae.model_name"] == MODEL and meta["brainvae.latent_dim"] == "4"
+    assert meta["brainvae.checkpoint_sha256"] == hashlib.sha256((model / "model.pt").read_bytes()).hexdigest()
+    assert meta["brainvae.config_sha256"] == config_sha256(json.loads((model / "config.json").read_text()))
+
+
+def test_encoding_twice_gives_identical_latents(pipeline, tmp_path):
+    cohort = pipeline["cohort"]
+    again = export_latents(pipeline["model"], cohort / "cohort.npy", cohort / "cohort_mask.npy",
+                           cohort / "cohort_index.tsv", cohort / "splits.tsv", tmp_path / "again.parquet",
+                           model_name=MODEL, device="cpu")
+    assert again.equals(pq.read_table(pipeline["results"] / "latents" / f"{MODEL}.parquet"))
+
+
+def test_rerun_is_a_noop(pipeline):
+    result = snakemake(pipeline["workdir"], pipeline["configfile"], "--dry-run")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+# --- Rerun only what changed -----------------------------------------------------------------------------
+# After the one real run above, each scenario is planned with a dry run under the workstation profile (its
+# rerun triggers: mtime, params, input, code), and the job-stats table says which jobs would run.
+
+PROFILE = REPO / "workflow" / "profiles" / "default"
+PER_SCAN_RULES = {"conform", "n4", "register_level1", "skullstrip", "register_level2", "resample", "qc_scan"}
+
+
+def rules_in(*rule_files: str) -> set[str]:
+    """Names of the rules defined in workflow/rules/<rule_file>."""
+    return {match for name in rule_files for match in
+            re.findall(r"^\s*rule\s+(\w+)\s*:", (REPO / "workflow" / "rules" / name).read_text(), re.MULTILINE)}
+
+
+PREPROCESSING_RULES = rules_in("demo.smk", "conform.smk", "preprocess.smk", "qc.smk")
+VAE_RULES = rules_in("cohort.smk", "vae.smk")
+ANALYSIS_RULES = rules_in("analysis.smk")
+ALL_RULES = PREPROCESSING_RULES | VAE_RULES | ANALYSIS_RULES
+
+
+def plan_rerun(workdir: Path, configfile: Path, snakefile: Path = REPO / "Snakefile") -> tuple[dict[str, int], str]:
+    """Jobs a run would start now (rule -> count, without the target rule `all`) and the dry run's output."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+               "--configfile", str(configfile), "--workflow-profile", str(PROFILE), "--cores", "2", "--dry-run"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # The job-stats table, without its total and the target rule (planned_jobs reads on past the table).
+    jobs = {rule: n for rule, n in planned_jobs(output).items() if rule in ALL_RULES and rule != "all"}
+    assert jobs or "Nothing to be done" in output, output
+    return jobs, output
+
+
+def planned_scans(output: str, rule: str) -> list[str]:
+    """The {scan} wildcard of every planned job of one rule, from a dry run's job listing."""
+    scans, current = [], None
+    for line in output.splitlines():
+        header = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if header:
+            current = header[1]
+        elif current == rule and line.strip().startswith("wildcards:"):
+            scans += re.findall(r"scan=([^,\s]+)", line)
+    return scans
+
+
+def changed_config(pipeline, tmp_path: Path, change) -> Path:
+    config = yaml.safe_load(pipeline["configfile"].read_text())
+    change(config)
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_second_run_does_nothing(pipeline):
+    """A real second run (not a dry run): starts no job and touches no output."""
+    jobs, output = plan_rerun(pipeline["workdir"], pipeline["configfile"])
+    assert not jobs, output  # fail here, with the reasons, rather than rerun the whole pipeline
+    results = pipeline["results"]
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(pipeline["workdir"]), "--configfile", str(pipeline["configfile"]), "--workflow-profile",
+               str(PROFILE), "--cores", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr, result.stderr
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_changed_classification_parameter_reruns_only_analysis_jobs(pipeline, tmp_path):
+    config = changed_config(pipeline, tmp_path, lambda c: c["analysis"].update(inner_folds=2))
+    jobs, output = plan_rerun(pipeline["workdir"], config)
+    assert set(jobs) <= ANALYSIS_RULES, output
+    assert jobs["analysis_classify_latents"] == 1 and jobs["analysis_classify_baseline"] == 2
+    # Steps the classification does not feed stay as they are. (The voxel matrix is temp(): the voxel
+    # baseline rebuilds it, and the voxel PCA that reads it reruns too.)
+    assert not {"analysis_scans", "analysis_folds", "analysis_pca_latents",
+                "analysis_reconstruction_table"} & set(jobs)
+
+
+def test_changed_vae_hyperparameter_retrains_that_model_and_what_follows(pipeline, tmp_path):
+    config = changed_config(pipeline, tmp_path, lambda c: c["models"][MODEL].update(beta=0.5))
+    jobs, output = plan_rerun(pipeline["workdir"], config)
+    assert jobs["train_vae"] == 1 and jobs["evaluate_vae"] == 1 and jobs["encode_latents"] == 1, output
+    assert not PREPROCESSING_RULES & set(jobs)
+    assert not {"cohort_array", "cohort_splits"} & set(jobs)  # the cohort is the same
+    assert set(jobs) - VAE_RULES <= ANALYSIS_RULES and "analysis_classify_latents" in jobs
+    # Baselines do not depend on the model.
+    assert not {"analysis_classify_baseline", "analysis_pca_voxels", "analysis_voxels"} & set(jobs)
+
+
+def test_new_subject_is_preprocessed_alone(pipeline, tmp_path):
+    """One more subject: its scan alone is preprocessed; the cohort-level steps after it rerun.
+
+    The demo datasets are generated whole by one job, so the subject arrives in a BIDS dataset of its own
+    (to Snakemake, as for a subject added to an existing dataset: one more row in samples.tsv). The planning
+    happens in a copy of the run, so the samples table it rewrites is not the fixture's.
+    """
+    workdir = tmp_path / "run"
+    shutil.copytree(pipeline["workdir"], workdir, symlinks=True)  # copy2: modification times are kept
+    bids = tmp_path / "extra"
+    (bids / "sub-new01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "extra", "BIDSVersion": "1.9.0"}))
+    (bids / "participants.tsv").write_text("participant_id\tgroup\tage\tsex\nsub-new01\tDS\t30\tF\n")
+    some_t1w = next((pipeline["results"] / "demo_cohort").rglob("*_T1w.nii.gz"))
+    shutil.copy(some_t1w, bids / "sub-new01" / "anat" / "sub-new01_T1w.nii.gz")
+
+    def add_dataset(config):
+        config["datasets"].append({"name": "extra", "bids_dir": str(bids), "role": "analyse",
+                                   "label_column": "group", "labels": ["euploid", "DS"],
+                                   "covariates": ["age", "sex"]})
+
+    jobs, output = plan_rerun(workdir, changed_config(pipeline, tmp_path, add_dataset))
+    for rule in PER_SCAN_RULES:
+        assert planned_scans(output, rule) == ["sub-new01/anat/sub-new01"], (rule, output)
+    assert "demo_cohort" not in jobs
+    assert jobs["qc_table"] == 1 and jobs["cohort_array"] == 1 and jobs["cohort_splits"] == 1
+    assert jobs["train_vae"] == 1 and jobs["encode_latents"] == 1
+
+
+def test_edited_script_reruns_its_rule_and_what_follows(pipeline, tmp_path):
+    """Edit workflow/scripts/resample.py in a copy of the workflow (the checkout stays untouched)."""
+    copy = tmp_path / "workflow_copy"
+    copy.mkdir()
+    shutil.copy2(REPO / "Snakefile", copy / "Snakefile")
+    for folder in ("workflow", "config"):
+        shutil.copytree(REPO / folder, copy / folder)  # copy2: modification times are kept
+    for folder in ("src", "envs"):
+        (copy / folder).symlink_to(REPO / folder)
+    script = copy / "workflow" / "scripts" / "resample.py"
+    script.write_text(script.read_text() + "# edited\n")
+
+    jobs, output = plan_rerun(pipeline["workdir"], pipeline["configfile"], snakefile=copy / "Snakefile")
+    samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert jobs["resample"] == len(samples), output
+    assert not {"conform", "n4", "register_level1", "skullstrip", "register_level2", "qc_scan", "qc_table",
+                "demo_cohort"} & set(jobs)  # before resample, or beside it
+    assert jobs["cohort_array"] == 1 and jobs["train_vae"] == 1 and "analysis_classify_latents" in jobs
+
+
+# --- Analysis (workflow/rules/analysis.smk) ---------------------------------------------------------
+
+CLASSIFIERS = ["logreg", "linear_svm", "rbf_svm", "random_forest", "knn"]
+
+
+def _tsv(path):
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"])
+
+
+def test_analysis_table_and_shared_participant_folds(pipeline):
+    analysis = pipeline["results"] / "analysis"
+    scans = _tsv(analysis / "scans.tsv")
+    index = read_index(pipeline["cohort"] / "cohort_index.tsv")
+    assert scans["scan"].tolist() == index["scan"].tolist()
+    assert (scans["icv_ml"] > 500).all() and scans["affine_scale"].between(0.7, 1.5).all()
+    table, _ = read_latents(pipeline["results"] / "latents" / f"{MODEL}.parquet")
+    assert scans["split"].tolist() == table["split"].tolist()
+    folds = _tsv(analysis / "outer_folds.tsv")
+    groups = set(scans["dataset"] + "/" + scans["participant"].astype(str))
+    assert set(folds["group"]) == groups
+    assert (folds.groupby("repeat")["group"].apply(lambda g: g.is_unique and set(g) == groups)).all()
+    # Every feature set was scored on exactly these test participants.
+    for folder in (analysis / "models" / MODEL / "classification", analysis / "baselines" / "voxels_pca" / "classification",
+                   analysis / "baselines" / "confounds" / "classification"):
+        preds = _tsv(folder / "predictions.tsv")
+        used = (preds.assign(group=preds["dataset"] + "/" + preds["participant"].astype(str))
+                .groupby(["classifier", "repeat", "fold"])["group"].apply(set))
+        expected = folds.groupby(["repeat", "fold"])["group"].apply(set)
+        for (clf, repeat, fold), got in used.items():
+            assert got == expected[(repeat, fold)], (folder, clf, repeat, fold)
+
+
+def test_analysis_tables_figures_and_permutation_test(pipeline):
+    results = pipeline["results"]
+    table = _tsv(results / "tables" / "classification.tsv")
+    assert list(zip(table["model"], table["feature_set"], table["classifier"])) == [
+        (model, fs, clf) for model, fs in ((MODEL, "latents"), ("(none)", "voxels_pca"), ("(none)", "confounds"))
+        for clf in CLASSIFIERS]
+    assert table["roc_auc_mean"].between(0, 1).all() and table["n_folds"].eq(3).all()
+    assert "| ROC AUC |" in (results / "tables" / "classification.md").read_text()
+    perm = _tsv(results / "analysis" / "models" / MODEL / "classification" / "permutations.tsv").iloc[0]
+    null = _tsv(results / "analysis" / "models" / MODEL / "classification" / "null.tsv")["value"].to_numpy()
+    assert perm["classifier"] == "logreg" and perm["n_permutations"] == 3 and len(null) == 3
+    assert perm["p_value"] == pytest.approx((1 + (null >= perm["observed"]).sum()) / 4)
+    recon = _tsv(results / "tables" / "reconstruction.tsv")
+    assert set(zip(recon["model"], recon["method"], recon["region"])) == {
+        (MODEL, m, r) for m in ("vae", "pca") for r in ("mask", "whole")}
+    site = _tsv(results / "tables" / "site_check.tsv")
+    assert site["model"].tolist() == [MODEL] and site["balanced_accuracy_mean"].between(0, 1).all()
+    figures = [results / "analysis" / "models" / MODEL / "pca" / "latents_scatter.png",
+               results / "analysis" / "voxels" / "pca" / "voxels_scatter.png",
+               results / "analysis" / "classification_overview.png",
+               *[results / "analysis" / "models" / MODEL / "classification" / f"roc_latents_{c}.png" for c in CLASSIFIERS]]
+    for figure in figures:
+        assert figure.read_bytes()[:4] == b"\x89PNG", figure
+
+
+def test_report_holds_the_analysis(pipeline, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
+    html = report.read_text(errors="replace")
+    for section in ("Latent space (PCA)", "Classification", "Site check", "Tables", "Quality control"):
+        assert section in html, section

@@ -1,0 +1,66 @@
+# Cohort: one stacked array of every included scan, its index and frozen subject-level splits.
+# Every scan of every role goes into the array (the VAE encodes them all); scans in qc.exclude are
+# left out everywhere. Scans with automatic QC flags stay in the array but, with
+# cohort.exclude_flagged (default), are left out of the training splits.
+
+import math
+
+from brainvae.errors import ConfigError
+from brainvae.vae.cohort import cohort_samples
+
+if not math.isclose(sum(config["cohort"]["split_fractions"]), 1.0):
+    raise ConfigError(f"config key cohort.split_fractions: must sum to 1, got {config['cohort']['split_fractions']}")
+
+COHORT = f"{OUT}/cohort"
+COHORT_SCANS = cohort_samples(SAMPLES, config["qc"]["exclude"])["scan"].tolist()
+
+
+rule cohort_splits:
+    input:
+        samples=SAMPLES_TSV,
+        qc=f"{OUT}/qc/qc.tsv" if config["cohort"]["exclude_flagged"] else [],
+    output:
+        f"{COHORT}/splits.tsv",
+    log:
+        f"{LOGS}/cohort_splits.log",
+    params:
+        train_labels=config["cohort"]["train_labels"],
+        fractions=config["cohort"]["split_fractions"],
+        seed=config["cohort"]["seed"],
+        exclude=config["qc"]["exclude"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/cohort_splits.py"
+
+
+rule cohort_array:
+    input:
+        samples=SAMPLES_TSV,
+        images=expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-preproc_T1w.nii.gz", scan=COHORT_SCANS),
+        masks=expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz", scan=COHORT_SCANS),
+    output:
+        array=f"{COHORT}/cohort.npy",
+        mask=f"{COHORT}/cohort_mask.npy",
+        index=f"{COHORT}/cohort_index.tsv",
+    log:
+        f"{LOGS}/cohort_array.log",
+    params:
+        scans=COHORT_SCANS,
+        dtype=config["cohort"]["dtype"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/cohort_array.py"
+
+
+# Final outputs of this stage, requested by rule all.
+COHORT_TARGETS = [*rules.cohort_array.output, *rules.cohort_splits.output]

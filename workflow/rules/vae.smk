@@ -1,0 +1,132 @@
+# VAE: one training job per model variant, evaluation against a PCA baseline, Parquet latents.
+# A variant's settings are the shared `training` section with `models[<name>]` on top. Jobs ask for
+# resources gpu=1 only when the variant's device is `cuda`; `auto` uses a GPU if the node has one.
+
+from brainvae.vae.variants import split_run_options, uses_cuda, variant_settings
+
+MODELS = {name: variant_settings(config["training"], overrides) for name, overrides in config["models"].items()}
+# Per variant: the training config (what is trained, hashed into the model's provenance) and the run
+# options (device, threads, deterministic: where and how it runs).
+MODEL_CONFIG = {name: split_run_options(settings)[0] for name, settings in MODELS.items()}
+MODEL_RUN = {name: split_run_options(settings)[1] for name, settings in MODELS.items()}
+
+
+wildcard_constraints:
+    model="|".join(MODELS) or "(?!)",
+
+
+rule train_vae:
+    input:
+        array=rules.cohort_array.output.array,
+        mask=rules.cohort_array.output.mask,
+        index=rules.cohort_array.output.index,
+        splits=rules.cohort_splits.output[0],
+    output:
+        model=f"{OUT}/models/{{model}}/model.pt",
+        config=f"{OUT}/models/{{model}}/config.json",
+        environment=f"{OUT}/models/{{model}}/environment.txt",
+        metrics=f"{OUT}/models/{{model}}/metrics.json",
+        log_tsv=f"{OUT}/models/{{model}}/training_log.tsv",
+        curves=report(
+            f"{OUT}/models/{{model}}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "training curves"},
+        ),
+    log:
+        f"{LOGS}/train_vae/{{model}}.log",
+    params:
+        config=lambda wildcards: MODEL_CONFIG[wildcards.model],
+        device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
+        deterministic=lambda wildcards: MODEL_RUN[wildcards.model]["deterministic"],
+        # Outside the declared outputs: Snakemake deletes a failed job's outputs, the checkpoint
+        # must survive that so a killed or timed-out job resumes from its last epoch.
+        checkpoint_dir=lambda wildcards: f"{OUT}/.checkpoints/{wildcards.model}",
+    threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/train_vae.py"
+
+
+rule evaluate_vae:
+    input:
+        model=rules.train_vae.output.model,
+        config=rules.train_vae.output.config,
+        array=rules.cohort_array.output.array,
+        mask=rules.cohort_array.output.mask,
+        index=rules.cohort_array.output.index,
+        splits=rules.cohort_splits.output[0],
+    output:
+        per_scan=f"{OUT}/models/{{model}}/evaluation/per_scan_metrics.tsv",
+        summary=report(
+            f"{OUT}/models/{{model}}/evaluation/summary.tsv",
+            caption="../report/evaluation_summary.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "reconstruction metrics"},
+        ),
+        reconstructions=report(
+            f"{OUT}/models/{{model}}/evaluation/reconstructions.png",
+            caption="../report/reconstructions.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "reconstructions"},
+        ),
+        prior_samples=report(
+            f"{OUT}/models/{{model}}/evaluation/prior_samples.png",
+            caption="../report/prior_samples.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "samples from the prior"},
+        ),
+    log:
+        f"{LOGS}/evaluate_vae/{{model}}.log",
+    params:
+        device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
+    threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/evaluate_vae.py"
+
+
+rule encode_latents:
+    input:
+        model=rules.train_vae.output.model,
+        config=rules.train_vae.output.config,
+        array=rules.cohort_array.output.array,
+        mask=rules.cohort_array.output.mask,
+        index=rules.cohort_array.output.index,
+        splits=rules.cohort_splits.output[0],
+    output:
+        f"{OUT}/latents/{{model}}.parquet",
+    log:
+        f"{LOGS}/encode_latents/{{model}}.log",
+    params:
+        device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
+    threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/encode_latents.py"
+
+
+# Final outputs of this stage, requested by rule all.
+VAE_TARGETS = [
+    *expand(rules.evaluate_vae.output, model=MODELS),
+    *expand(rules.encode_latents.output, model=MODELS),
+]
