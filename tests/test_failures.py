@@ -84,3 +84,18 @@ def test_failed_inputs_table_round_trip_and_qc_rows(tmp_path, samples):
     assert qc.at["sub-b", "passed"] and not qc.at["sub-a", "passed"] and qc.at["sub-a", "excluded"]
     assert qc.at["sub-a", "flags"] == "input_error" and qc.at["sub-a", "failure_reason"] == "truncated gzip file"
     assert failed_input_rows(None) == []
+
+
+def test_cohort_outliers_are_judged_within_each_dataset(tmp_path):
+    """A site with another contrast (here 5 synthetic-like scans next to 8 real ones) is not an outlier."""
+    paths, datasets = [], {}
+    for i, (site, contrast) in enumerate([("demo", 0.88 + 0.002 * k) for k in range(5)]
+                                         + [("real", 0.50 + 0.005 * k) for k in range(8)]):
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps({"scan": f"sub-{site}{i}", "wm_csf_contrast": contrast, "flags": []}))
+        paths.append(path)
+        datasets[f"sub-{site}{i}"] = site
+    pooled = qc_table_file(paths, tmp_path / "pooled.tsv")
+    assert pooled.loc[pooled["scan"].str.startswith("sub-demo"), "flags"].eq("outlier_wm_csf_contrast").all()
+    per_site = qc_table_file(paths, tmp_path / "qc.tsv", datasets=datasets)
+    assert per_site["passed"].all() and per_site["dataset"].tolist() == list(datasets.values())

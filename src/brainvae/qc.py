@@ -313,7 +313,7 @@ def failed_input_rows(failed_inputs: pd.DataFrame | None) -> list[dict[str, Any]
     :mod:`brainvae.failures`): keyed like the other rows by scan key, with no metrics."""
     if failed_inputs is None or failed_inputs.empty:
         return []
-    return [{"scan": row["scan_key"], "flags": ["input_error"], "excluded": True, "passed": False,
+    return [{"scan": row["scan_key"], "dataset": row["dataset"], "flags": ["input_error"], "excluded": True, "passed": False,
              "failed_step": row["step"], "failure_reason": row["reason"], "input_path": row["path"]}
             for _, row in failed_inputs.iterrows()]
 

@@ -116,17 +116,26 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
 
 
 def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, excluded: Sequence[str] = (),
-                  failed_inputs: pd.DataFrame | None = None) -> pd.DataFrame:
+                  failed_inputs: pd.DataFrame | None = None, datasets: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Cohort QC table: one row per scan with metrics, automatic flags, cohort outliers and exclusions.
 
     ``failed_inputs`` (see :mod:`brainvae.failures`) adds a row per scan whose input file could not be
     used: no metrics, flag ``input_error``, ``excluded`` and not ``passed``, with the failed step and reason.
+    ``datasets`` (scan key -> dataset) adds a ``dataset`` column, and outliers are then judged within each
+    dataset: contrast and coverage differ between scanners, and a whole site must not be an "outlier".
     """
     from .qc import failed_input_rows, outlier_flags, qc_table, write_qc_table
 
     rows = [read_json(path) for path in metric_jsons]
     table = pd.DataFrame(rows)
-    outliers = outlier_flags(table) if len(table) else pd.Series(dtype=object)
+    if datasets is not None and len(table):
+        table.insert(1, "dataset", table["scan"].map(dict(datasets)).fillna(""))
+    if not len(table):
+        outliers = pd.Series(dtype=object)
+    elif "dataset" in table.columns:
+        outliers = pd.concat([outlier_flags(group) for _, group in table.groupby("dataset", sort=False)])
+    else:
+        outliers = outlier_flags(table)
     for index in table.index:
         table.at[index, "flags"] = list(table.at[index, "flags"]) + list(outliers.get(index, []))
     table["excluded"] = table["scan"].isin(set(excluded)) if len(table) else []

@@ -47,6 +47,8 @@ rule qc_table:
         f"{LOGS}/qc_table.log",
     params:
         exclude=config["qc"]["exclude"],
+        # Scan key -> dataset: cohort outliers are judged within each dataset (site).
+        datasets=dict(zip(SAMPLES["scan_key"], SAMPLES["dataset"])),
     threads: 1
     resources:
         mem_mb=2000,
