@@ -40,18 +40,26 @@ def _no_marker(folder: Path) -> None:
     assert not made, f"a payload ran: {made}"
 
 
-def test_participants_cells_stay_strings(tmp_path, real_t1w_dir):
-    payloads = _payloads(tmp_path)
+def _bids_of_one_scan_each(tmp_path: Path, real_t1w_dir: Path, participants: list[dict[str, str]]) -> Path:
+    """A BIDS dataset with one copy of a real scan per participant (sub-s0, sub-s1, ...) and these
+    participants.tsv columns."""
     bids = tmp_path / "bids"
-    (bids).mkdir()
+    bids.mkdir()
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
     rows = []
-    for i, (name, text) in enumerate(payloads.items()):
+    for i, columns in enumerate(participants):
         subject = f"s{i}"
         (bids / f"sub-{subject}" / "anat").mkdir(parents=True)
         shutil.copy(real_t1w_dir / "ixi" / f"{IXI['ixi012']}.nii.gz", bids / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz")
-        rows.append({"participant_id": f"sub-{subject}", "group": "euploid", "age": text, "site": text})
+        rows.append({"participant_id": f"sub-{subject}", **columns})
     pd.DataFrame(rows).to_csv(bids / "participants.tsv", sep="\t", index=False)
+    return bids
+
+
+def test_participants_cells_stay_strings(tmp_path, real_t1w_dir):
+    payloads = _payloads(tmp_path)
+    bids = _bids_of_one_scan_each(tmp_path, real_t1w_dir,
+                                  [{"group": "euploid", "age": text, "site": text} for text in payloads.values()])
     config = {"output_dir": "results", "datasets": [
         {"name": "untrusted", "bids_dir": str(bids), "role": "both", "label_column": "group",
          "covariates": ["age", "site"]}]}
@@ -67,16 +75,8 @@ def test_participants_cells_stay_strings(tmp_path, real_t1w_dir):
 def test_code_in_a_label_cell_stays_a_string(tmp_path, real_t1w_dir):
     """Labels flow into job parameters (the analysis): they must not be formatted as Snakemake wildcards."""
     payloads = _payloads(tmp_path)
-    bids = tmp_path / "bids"
-    bids.mkdir()
-    (bids / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
-    rows = []
-    for i, text in enumerate([*payloads.values(), *payloads.values()]):  # two participants per label
-        subject = f"s{i}"
-        (bids / f"sub-{subject}" / "anat").mkdir(parents=True)
-        shutil.copy(real_t1w_dir / "ixi" / f"{IXI['ixi012']}.nii.gz", bids / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz")
-        rows.append({"participant_id": f"sub-{subject}", "group": text})
-    pd.DataFrame(rows).to_csv(bids / "participants.tsv", sep="\t", index=False)
+    # two participants per label
+    bids = _bids_of_one_scan_each(tmp_path, real_t1w_dir, [{"group": text} for text in [*payloads.values()] * 2])
     config = {"output_dir": "results", "cohort": {"train_labels": None},
               "datasets": [{"name": "untrusted", "bids_dir": str(bids), "role": "both", "label_column": "group"}]}
     configfile = tmp_path / "config.yaml"

@@ -82,6 +82,21 @@ def summarise_folds(
     return pd.DataFrame(rows)
 
 
+def _wide_stats(long: pd.DataFrame, keys: list[str], metrics: Sequence[str], count: str) -> pd.DataFrame:
+    """Long (keys, metric, mean, sd, ci_low, ci_high, ``count``) -> one row per observed key combination:
+    keys, ``count`` (its maximum) and ``<metric>_{mean,sd,ci_low,ci_high}`` (NaN where absent)."""
+    # dropna=False keeps all-NaN metrics, but makes every combination of the keys; keep the observed ones.
+    observed = long.groupby(keys, sort=False)[count].max()
+    wide = long.pivot_table(index=keys, columns="metric", values=["mean", "sd", "ci_low", "ci_high"], sort=False,
+                            dropna=False).reindex(observed.index)
+    out = pd.DataFrame(index=wide.index)
+    out[count] = observed
+    for m in metrics:
+        for stat in ("mean", "sd", "ci_low", "ci_high"):
+            out[f"{m}_{stat}"] = wide[(stat, m)] if (stat, m) in wide.columns else np.nan
+    return out.reset_index()
+
+
 def classification_table(
     summary: pd.DataFrame, permutations: pd.DataFrame | None = None, *, metrics: Sequence[str] | None = None
 ) -> pd.DataFrame:
@@ -90,16 +105,7 @@ def classification_table(
     keys = [c for c in _KEYS if c in summary.columns]
     metrics = list(dict.fromkeys(summary["metric"])) if metrics is None else list(metrics)
     part = summary[summary["metric"].isin(metrics)]
-    # dropna=False keeps all-NaN metrics, but makes every combination of the keys; keep the observed ones.
-    observed = part.groupby(keys, sort=False)["n_folds"].max()
-    wide = part.pivot_table(index=keys, columns="metric", values=["mean", "sd", "ci_low", "ci_high"], sort=False,
-                            dropna=False).reindex(observed.index)
-    out = pd.DataFrame(index=wide.index)
-    out["n_folds"] = observed
-    for m in metrics:
-        for stat in ("mean", "sd", "ci_low", "ci_high"):
-            out[f"{m}_{stat}"] = wide[(stat, m)] if (stat, m) in wide.columns else np.nan
-    out = out.reset_index()
+    out = _wide_stats(part, keys, metrics, "n_folds")
     if permutations is not None and len(permutations):
         perm_keys = [k for k in keys if k in permutations.columns]
         perm = permutations[perm_keys + ["metric", "observed", "n_permutations", "p_value"]].rename(
@@ -208,15 +214,7 @@ def reconstruction_summary_table(
         raise AnalysisError("reconstruction table", "the evaluation summaries hold no rows")
     keys = ["model", "method", "region"]
     metrics = list(dict.fromkeys(long["metric"]))
-    observed = long.groupby(keys, sort=False)["n"].max()
-    wide = long.pivot_table(index=keys, columns="metric", values=["mean", "sd", "ci_low", "ci_high"], sort=False,
-                            dropna=False).reindex(observed.index)
-    out = pd.DataFrame(index=wide.index)
-    out["n"] = observed
-    for m in metrics:
-        for stat in ("mean", "sd", "ci_low", "ci_high"):
-            out[f"{m}_{stat}"] = wide[(stat, m)] if (stat, m) in wide.columns else np.nan
-    return out.reset_index()
+    return _wide_stats(long, keys, metrics, "n")
 
 
 def format_reconstruction_summary(table: pd.DataFrame, *, digits: int = 4) -> pd.DataFrame:
