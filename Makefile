@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.brainvae-installed
 CORES ?= all
-# Tests run in parallel, one worker per core (pytest-xdist); each test uses one thread.
+# Tests run in parallel, one worker per core (pytest-xdist), a module per worker at a time (tests/conftest.py:
+# the modules that share the costly tiny workflow run go to one worker together); each test uses one thread.
 PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: env demo test dryrun report lock bench clean

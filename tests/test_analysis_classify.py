@@ -188,3 +188,27 @@ def test_misaligned_features_are_an_error(cohort):
     with pytest.raises(AnalysisError, match="label column 'diagnosis'"):
         run_classification(cohort.meta, [FeatureSet("latents", cohort.latents)], label="diagnosis",
                            n_permutations=0)
+
+
+def test_tuning_does_not_pick_a_degenerate_threshold():
+    """An SVM ranked on AUC alone can pick a C so small that it puts everyone in one class (balanced accuracy
+    0.5) while its ranking is perfect; the inner selection adds balanced accuracy, so the reported threshold
+    metrics describe a real decision rule."""
+    from brainvae.analysis.classify import _best_auc_plus_balanced_accuracy
+
+    results = {"mean_test_roc_auc": np.array([1.0, 1.0, 0.95, np.nan]),
+               "mean_test_balanced_accuracy": np.array([0.5, 0.9, 1.0, 1.0])}
+    assert _best_auc_plus_balanced_accuracy(results) == 2  # 1.95 beats 1.9; the NaN point is never chosen
+    results["mean_test_balanced_accuracy"] = np.array([0.5, 0.9, 0.9, 1.0])
+    assert _best_auc_plus_balanced_accuracy(results) == 1
+    # Imbalanced, separable data: every classifier's outer balanced accuracy is well above chance.
+    rng = np.random.default_rng(3)
+    n_pos, n_neg = 12, 36
+    X = np.r_[rng.normal(1.5, 1.0, (n_pos, 4)), rng.normal(0.0, 1.0, (n_neg, 4))]
+    meta = pd.DataFrame({"dataset": "d", "participant": [f"p{i}" for i in range(n_pos + n_neg)],
+                         "group": ["DS"] * n_pos + ["euploid"] * n_neg})
+    result = run_classification(meta, [FeatureSet("latents", X)], classifiers=["linear_svm", "rbf_svm"],
+                                n_splits=4, n_repeats=1, n_inner=3, n_permutations=0, seed=0)
+    summary = result.summary()
+    balanced = summary[summary["metric"] == "balanced_accuracy"].set_index("classifier")["mean"]
+    assert (balanced > 0.7).all(), summary

@@ -1,7 +1,7 @@
 """Real-world inputs and failures: the bad-input catalogue, every real scan, interruptions, reproducibility.
 
-One module-scoped workflow run (`messy_run`) feeds most tests: a tiny demo cohort (the training data, as in
-tests/test_workflow_pipeline.py) next to an ``analyse`` dataset holding one scan per bad-input case and every real
+One workflow run (`messy_run`, conftest's session-scoped `tiny_run`, which tests/test_workflow_pipeline.py shares)
+feeds most tests: a tiny demo cohort (the training data) next to an ``analyse`` dataset holding one scan per bad-input case and every real
 scan of tests/data/real_t1w. It runs twice with ``--keep-going``, as a user would:
 
 1. the unusable scans fail their conform job with ``<file>: <reason>`` and leave a failure record; every other
@@ -36,7 +36,7 @@ import yaml
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from test_workflow import REPO, planned_jobs
-from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_SUBJECTS, TINY_TRAINING
+from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_PREPROCESS, TINY_SUBJECTS, TINY_TRAINING
 
 PROFILE = REPO / "workflow" / "profiles" / "default"
 MNI = "space-MNI152NLin2009aSym_res-demo"
@@ -192,6 +192,7 @@ def tiny_config(workdir: Path, extra_datasets: list[dict]) -> dict:
     """The tiny pipeline of tests/test_workflow_pipeline.py plus extra datasets."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["demo"]["subjects"] = TINY_SUBJECTS
+    config["preprocess"] = {**config["preprocess"], **TINY_PREPROCESS}
     config["analysis"] = {**config.get("analysis", {}), **TINY_ANALYSIS}
     config["training"] = {**config.get("training", {}), **TINY_TRAINING}
     config["models"] = {MODEL: {}}
@@ -204,9 +205,8 @@ def messy_dataset(bids: Path) -> dict:
             "labels": ["euploid", "DS"], "covariates": ["age", "sex"]}
 
 
-@pytest.fixture(scope="module")
-def messy_run(tmp_path_factory, real_t1w_dir):
-    workdir = tmp_path_factory.mktemp("messy")
+def build_tiny_run(workdir: Path, real_t1w_dir: Path) -> dict:
+    """The tiny demo next to the messy dataset, run twice with --keep-going (conftest's `tiny_run`)."""
     bids = workdir / "messy_bids"
     failing = make_failing_scans(real_t1w_dir, bids)
     processed = make_processed_scans(real_t1w_dir, bids)
@@ -225,6 +225,11 @@ def messy_run(tmp_path_factory, real_t1w_dir):
     return {"workdir": workdir, "configfile": configfile, "results": results, "bids": bids, "first": first,
             "second": second, "failing": failing, "processed": processed, "real": real,
             "deriv": results / "derivatives" / "brainvae"}
+
+
+@pytest.fixture(scope="module")
+def messy_run(tiny_run):
+    return tiny_run
 
 
 def _scan(subject: str) -> str:
@@ -286,13 +291,18 @@ def test_a_repaired_file_is_processed_again(messy_run, real_t1w_dir):
     """A failure record holds only while the file is unchanged: a repaired download is planned again."""
     truncated = messy_run["failing"]["truncgz"]
     original = truncated.read_bytes()
+    # The dry run rewrites the tables written at workflow start; the shared run gets them back exactly
+    # (contents and modification times: jobs downstream of samples.tsv must stay up to date).
+    start_tables = [messy_run["results"] / name for name in ("samples.tsv", "failed_inputs.tsv")]
+    saved = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in start_tables if path.is_file()}
     shutil.copy(real_t1w_dir / "ixi" / f"{IXI['ixi012']}.nii.gz", truncated)
     try:
         result = _run(messy_run["workdir"], messy_run["configfile"], "--dry-run")
     finally:
         truncated.write_bytes(original)
-        # The dry run rewrote the workflow-start tables; put the fixture's back for the other tests.
-        _run(messy_run["workdir"], messy_run["configfile"], "--dry-run")
+        for path, (content, mtime) in saved.items():
+            path.write_bytes(content)
+            os.utime(path, ns=(mtime, mtime))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert planned_jobs(output)["conform"] == 1 and "scan=sub-truncgz/anat/sub-truncgz" in output

@@ -113,6 +113,8 @@ def slurm_overrides() -> list[str]:
             # The local node has 2 CPUs (CI machines too): a group job may not ask for more.
             "--cores", "2",
             "--group-components", f"preprocess={SCANS_PER_GROUP}",
+            # One thread per step, as in the local run: then ANTs' registrations are bitwise repeatable.
+            "--set-threads", *(f"{rule}=1" for rule in profile_settings()["set-threads"]),
             "--slurm-init-seconds-before-status-checks", "1"]
 
 

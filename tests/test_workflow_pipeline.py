@@ -1,8 +1,9 @@
 """The whole workflow on a tiny demo cohort, up to the latents (and whatever else `rule all` asks for).
 
-One module-scoped run (`pipeline`) of `rule all` feeds every test here: splits, the model folder, the
-evaluation tables, the Parquet latents and a no-op rerun. Tests of later stages (analysis) belong in
-this module too and reuse the same fixture, so the preprocessing runs once.
+One run of `rule all` (`pipeline`: conftest's session-scoped `tiny_run`, shared with tests/test_bad_inputs.py,
+whose messy dataset of bad and real scans runs next to the demo) feeds every test here: preprocessed files and
+QC, splits, the model folder, the evaluation tables, the Parquet latents, the analysis, the report and the rerun
+policy. The preprocessing runs once for the whole test session.
 """
 
 import hashlib
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -29,25 +31,18 @@ MODEL = "vae_tiny"
 TINY_TRAINING = {"epochs": 1, "threads": 1, "model": {"latent_dim": 4, "widths": [4, 8, 8], "blocks": 0}}
 # 7 subjects give 3 DS participants, the fewest the nested-CV classification accepts (6 give 2: skipped).
 TINY_SUBJECTS = 7
+# One thread per preprocessing job: with --cores 2, two scans at a time keep both cores busy.
+TINY_PREPROCESS = {"threads": 1}
 TINY_ANALYSIS = {"outer_repeats": 1, "permutations": 3, "random_forest_trees": 10}
 
 
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Run `rule all` once on a 7-subject demo cohort; returns the working folder and config path."""
-    workdir = tmp_path_factory.mktemp("pipeline")
-    with open(REPO / "config" / "config.yaml") as handle:
-        config = yaml.safe_load(handle)
-    config["demo"]["subjects"] = TINY_SUBJECTS
-    config["analysis"] = {**config.get("analysis", {}), **TINY_ANALYSIS}
-    config["training"] = {**config.get("training", {}), **TINY_TRAINING}
-    config["models"] = {MODEL: {}}
-    configfile = workdir / "config.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    snakemake(workdir, configfile)
-    results = workdir / "results"
-    return {"workdir": workdir, "configfile": configfile, "results": results,
-            "cohort": results / "cohort", "model": results / "models" / MODEL}
+def pipeline(tiny_run):
+    """The session's tiny run (conftest.py): `rule all` on the 7-subject demo next to the messy dataset of
+    tests/test_bad_inputs.py, after its second, completing run."""
+    return {**tiny_run, "cohort": tiny_run["results"] / "cohort", "model": tiny_run["results"] / "models" / MODEL}
 
 
 def test_cohort_array_and_splits(pipeline):
@@ -62,6 +57,41 @@ def test_cohort_array_and_splits(pipeline):
     assert set(merged["split"]) == {"train", "val", "test"}
     assert set(merged["label"]) == {"euploid"}  # the default: the VAE never sees DS scans
     assert set(samples.loc[samples["label"] == "DS", "scan"]).isdisjoint(splits["scan"])
+
+
+def test_preprocessed_scans_and_qc(pipeline):
+    """Every scan's derivatives under BIDS-Derivatives names, on the demo grid, with QC; temp() files gone."""
+    results = pipeline["results"]
+    deriv = results / "derivatives" / "brainvae"
+    samples = pd.read_csv(results / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(samples) >= TINY_SUBJECTS and any("/ses-" in scan for scan in samples["scan"])
+    description = json.loads((deriv / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    mni = "space-MNI152NLin2009aSym_res-demo"
+    for scan in samples["scan"]:
+        image = nib.load(deriv / f"{scan}_desc-conform_T1w.nii.gz")
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert json.loads((deriv / f"{scan}_desc-conform_T1w.json").read_text())  # provenance next to every image
+        preproc = nib.load(deriv / f"{scan}_{mni}_desc-preproc_T1w.nii.gz")
+        mask = nib.load(deriv / f"{scan}_{mni}_desc-brain_mask.nii.gz")
+        assert preproc.shape == mask.shape == (40, 48, 40)
+        data, inside = preproc.get_fdata(), mask.get_fdata() > 0
+        assert 0.0 <= data.min() and data.max() <= 1.0 and data[~inside].max() == 0.0  # percentile-normalised
+        assert (deriv / f"{scan}_desc-qc_T1w.png").stat().st_size > 10_000
+        assert (deriv / f"{scan}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat").exists()
+        # Intermediates marked temp() are gone once every consumer has run.
+        assert not (deriv / f"{scan}_desc-n4_T1w.nii").exists()
+        # Every per-scan job wrote its benchmark (wall and CPU time, peak memory).
+        for rule in PER_SCAN_RULES:
+            bench = pd.read_csv(results / "benchmarks" / rule / f"{scan}.tsv", sep="\t")
+            assert bench["s"].iloc[0] > 0 and bench["max_rss"].iloc[0] > 0, (rule, scan)
+    qc = pd.read_csv(results / "qc" / "qc.tsv", sep="\t", keep_default_na=False).set_index("scan")
+    assert set(samples["scan_key"]) <= set(qc.index)  # (and a row per failed input of the messy dataset)
+    # The demo's scans are all sound (the messy dataset's odd scans are judged in test_bad_inputs.py).
+    demo = qc.loc[samples.loc[samples["dataset"].isin(["IXI", "HCP"]), "scan_key"]]
+    assert len(demo) >= TINY_SUBJECTS
+    assert (pd.to_numeric(demo["template_correlation"]) > 0.6).all()
+    assert pd.to_numeric(demo["brain_volume_ml"]).between(1000, 1900).all()
 
 
 def test_model_folder(pipeline):
@@ -154,7 +184,7 @@ def plan_rerun(workdir: Path, configfile: Path, snakefile: Path = REPO / "Snakef
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    # The job-stats table, without its total and the target rule (planned_jobs reads on past the table).
+    # The job-stats table, without the target rule `all`.
     jobs = {rule: n for rule, n in planned_jobs(output).items() if rule in ALL_RULES and rule != "all"}
     assert jobs or "Nothing to be done" in output, output
     return jobs, output
@@ -323,9 +353,13 @@ def test_analysis_tables_figures_and_permutation_test(pipeline):
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
 
 
-def test_report_holds_the_analysis(pipeline, tmp_path):
+def test_report_holds_qc_and_the_analysis(pipeline, tmp_path):
     report = tmp_path / "report.html"
     snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
     html = report.read_text(errors="replace")
     for section in ("Latent space (PCA)", "Classification", "Site check", "Tables", "Quality control"):
         assert section in html, section
+    # The QC page: the QC table and every scan's picture.
+    samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert "qc.tsv" in html
+    assert all(f"{Path(scan).name}_desc-qc_T1w.png" in html for scan in samples["scan"])

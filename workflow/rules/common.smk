@@ -23,6 +23,9 @@ validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "confi
 OUT = config["output_dir"]
 DERIV = f"{OUT}/derivatives/brainvae"
 LOGS = f"{OUT}/logs"
+# Wall time, CPU time and peak memory of every per-scan and training job (Snakemake `benchmark:` TSVs):
+# what to size `resources:` and cluster requests from.
+BENCHMARKS = f"{OUT}/benchmarks"
 SAMPLES_TSV = f"{OUT}/samples.tsv"
 # Scans whose input file failed validation in an earlier run (brainvae.failures): left out of SAMPLES
 # until the file or the conform settings change; listed here and in qc/qc.tsv.

@@ -26,6 +26,8 @@ rule conform:
         sidecar=f"{DERIV}/{{scan}}_desc-conform_T1w.json",
     log:
         f"{LOGS}/conform/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/conform/{{scan}}.tsv",
     params:
         orientation=config["conform"]["orientation"],
         volume_index=config["conform"]["volume_index"],

@@ -17,6 +17,8 @@ rule n4:
         headmask=f"{DERIV}/{{scan}}_desc-head_mask.nii.gz",
     log:
         f"{LOGS}/n4/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/n4/{{scan}}.tsv",
     params:
         shrink_factor=config["preprocess"]["n4"]["shrink_factor"],
         iterations=config["preprocess"]["n4"]["iterations"],
@@ -43,6 +45,8 @@ rule register_level1:
         head=temp(f"{DERIV}/{{scan}}_space-{MNI}_desc-level1_T1w.nii"),
     log:
         f"{LOGS}/register_level1/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/register_level1/{{scan}}.tsv",
     threads: PREP_THREADS
     resources:
         mem_mb=3000,
@@ -65,6 +69,8 @@ rule skullstrip:
         info=f"{DERIV}/{{scan}}_desc-brain_mask.json",
     log:
         f"{LOGS}/skullstrip/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/skullstrip/{{scan}}.tsv",
     params:
         method=config["preprocess"]["skullstrip"]["method"],
     threads: PREP_THREADS
@@ -89,6 +95,8 @@ rule register_level2:
         info=f"{DERIV}/{{scan}}_from-T1w_to-{MNI}_mode-image_xfm.json",
     log:
         f"{LOGS}/register_level2/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/register_level2/{{scan}}.tsv",
     threads: PREP_THREADS
     resources:
         mem_mb=3000,
@@ -112,6 +120,8 @@ rule resample:
         mask=f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz",
     log:
         f"{LOGS}/resample/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/resample/{{scan}}.tsv",
     params:
         grid=GRID,
         order=config["preprocess"]["interpolation_order"],

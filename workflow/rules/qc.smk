@@ -21,6 +21,8 @@ rule qc_scan:
         metrics=f"{DERIV}/{{scan}}_desc-qc_metrics.json",
     log:
         f"{LOGS}/qc_scan/{{scan}}.log",
+    benchmark:
+        f"{BENCHMARKS}/qc_scan/{{scan}}.tsv",
     params:
         thresholds=config["qc"]["thresholds"],
         scan_key=lambda wildcards: SAMPLES.loc[wildcards.scan, "scan_key"],

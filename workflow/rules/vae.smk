@@ -36,6 +36,8 @@ rule train_vae:
         ),
     log:
         f"{LOGS}/train_vae/{{model}}.log",
+    benchmark:
+        f"{BENCHMARKS}/train_vae/{{model}}.tsv",
     params:
         config=lambda wildcards: MODEL_CONFIG[wildcards.model],
         device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
@@ -87,6 +89,8 @@ rule evaluate_vae:
         ),
     log:
         f"{LOGS}/evaluate_vae/{{model}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate_vae/{{model}}.tsv",
     params:
         device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
     threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]
@@ -112,6 +116,8 @@ rule encode_latents:
         f"{OUT}/latents/{{model}}.parquet",
     log:
         f"{LOGS}/encode_latents/{{model}}.log",
+    benchmark:
+        f"{BENCHMARKS}/encode_latents/{{model}}.tsv",
     params:
         device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
     threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]

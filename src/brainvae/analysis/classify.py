@@ -215,6 +215,15 @@ class NestedCVResult:
         return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
+def _best_auc_plus_balanced_accuracy(cv_results: Mapping[str, Any]) -> int:
+    """Grid point with the highest mean inner ROC AUC + balanced accuracy (NaN folds ignored; ties: first)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN point → -inf below
+        total = np.asarray(cv_results["mean_test_roc_auc"], float) + np.asarray(
+            cv_results["mean_test_balanced_accuracy"], float)
+    return int(np.argmax(np.where(np.isfinite(total), total, -np.inf)))
+
+
 def _fit_outer_fold(
     X: np.ndarray,
     y: np.ndarray,
@@ -243,10 +252,17 @@ def _fit_outer_fold(
         n_estimators=n_estimators,
         param_grid=param_grid,
     )
-    # Binary: tune on ROC AUC (threshold-free, robust to imbalance). Multi-class: balanced
-    # accuracy, because an inner test fold may lack a rare site and OvR AUC is then undefined.
-    scoring = "roc_auc" if n_classes == 2 else "balanced_accuracy"
-    search = GridSearchCV(pipe, grid, scoring=scoring, cv=inner, refit=True, n_jobs=1, error_score="raise")
+    # Binary: tune on ROC AUC (threshold-free, robust to imbalance) plus balanced accuracy: on AUC alone a
+    # strongly regularised SVM can rank perfectly yet put every participant in one class (balanced accuracy
+    # 0.5), and the reported accuracy, sensitivity and specificity would describe that degenerate threshold.
+    # Multi-class: balanced accuracy, because an inner test fold may lack a rare site and OvR AUC is then
+    # undefined.
+    if n_classes == 2:
+        search = GridSearchCV(pipe, grid, scoring={"roc_auc": "roc_auc", "balanced_accuracy": "balanced_accuracy"},
+                              cv=inner, refit=_best_auc_plus_balanced_accuracy, n_jobs=1, error_score="raise")
+    else:
+        search = GridSearchCV(pipe, grid, scoring="balanced_accuracy", cv=inner, refit=True, n_jobs=1,
+                              error_score="raise")
     # float32 voxels stay float32 (half the memory of a copy); everything else is float64.
     dtype = np.float32 if X.dtype == np.float32 else np.float64
     X_train = np.asarray(X[train], dtype=dtype)
@@ -272,7 +288,8 @@ def _fit_outer_fold(
         "n_train": len(train),
         "n_test": len(test),
         **metrics,
-        "inner_score": float(search.best_score_),
+        "inner_score": float(search.cv_results_["mean_test_roc_auc" if n_classes == 2 else "mean_test_score"]
+                             [search.best_index_]),
         "best_params": json.dumps({k.removeprefix("clf__"): v for k, v in search.best_params_.items()}, default=str),
     }
     preds = pd.DataFrame({"repeat": fold.repeat, "fold": fold.fold, "row": test, "y_true": y[test], "y_pred": y_pred})
