@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from brainvae.vae.cohort import (build_cohort_array, check_splits, cohort_samples, make_splits,
-                                 mask_path_for, read_index, select_training, training_splits)
+                                 mask_path_for, model_splits, read_index, select_training, training_splits)
 
 
 def _samples(n_subjects: int = 40, sessions: int = 2) -> pd.DataFrame:
@@ -150,3 +150,17 @@ def test_training_splits_follow_labels_roles_exclusions_and_qc() -> None:
     assert set(samples.set_index("scan").loc[every_label["scan"], "label"]) == {"euploid", "DS"}
     with pytest.raises(ValueError, match="at least one each"):
         training_splits(samples, train_labels=["nobody"])
+
+
+def test_a_model_learns_from_its_labels_part_of_the_cohort_splits() -> None:
+    samples = _samples(30, sessions=1)
+    splits = training_splits(samples, train_labels=None, seed=2)
+    index = samples[["scan", "label"]]
+    euploid = model_splits(splits, index, ["euploid"], model="paper")
+    assert set(index.set_index("scan").loc[euploid["scan"], "label"]) == {"euploid"}
+    # Every kept scan stays in its cohort split; nothing else is dropped.
+    assert euploid.merge(splits, on="scan", suffixes=("", "_cohort")).eval("split == split_cohort").all()
+    assert len(euploid) == (index.set_index("scan").loc[splits["scan"], "label"] == "euploid").sum()
+    assert model_splits(splits, index, None).equals(splits)
+    with pytest.raises(ValueError, match="model 'only_ds_x'.*no scan with a label in \\['nobody'\\]"):
+        model_splits(splits, index, ["nobody"], model="only_ds_x")

@@ -7,7 +7,8 @@ import yaml
 
 from brainvae.config import load_config
 from brainvae.vae.train import DEFAULT_CONFIG, resolve_config
-from brainvae.vae.variants import RUN_KEYS, split_run_options, uses_cuda, variant_settings
+from brainvae.vae.variants import (RUN_KEYS, cohort_split_labels, split_run_options, split_train_labels, uses_cuda,
+                                   variant_settings)
 
 
 def test_variant_overrides_merge_the_model_key_by_key() -> None:
@@ -47,6 +48,25 @@ def test_every_configured_model_resolves(repo_root) -> None:
                          repo_root / "workflow" / "schemas" / "config.schema.yaml")
     assert config["models"]
     for overrides in config["models"].values():
+        overrides, _ = split_train_labels(overrides, config["cohort"]["train_labels"])
         training, _ = split_run_options(variant_settings(config["training"], overrides))
         resolved = resolve_config(training, (40, 48, 40))
         assert resolved["model"]["in_shape"] == [40, 48, 40]
+
+
+def test_train_labels_are_per_variant_with_the_cohort_default() -> None:
+    default = ["euploid"]
+    assert split_train_labels({"lr": 0.1}, default) == ({"lr": 0.1}, ["euploid"])
+    assert split_train_labels({"lr": 0.1, "train_labels": None}, default) == ({"lr": 0.1}, None)
+    assert split_train_labels({"train_labels": ["DS", "euploid"]}, default) == ({}, ["DS", "euploid"])
+    assert split_train_labels(None, None) == ({}, None)
+    overrides = {"train_labels": None}
+    split_train_labels(overrides, default)
+    assert overrides == {"train_labels": None}  # the config is not modified
+
+
+def test_cohort_splits_cover_every_variants_labels() -> None:
+    assert cohort_split_labels([["euploid"], ["euploid"]]) == ["euploid"]
+    assert cohort_split_labels([["euploid"], ["DS"]]) == ["DS", "euploid"]
+    assert cohort_split_labels([["euploid"], None]) is None
+

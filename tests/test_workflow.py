@@ -55,5 +55,18 @@ def test_dry_run_plans_the_demo_dag(tmp_path):
     assert jobs["conform"] == len(samples) >= 40
     assert set(samples["dataset"]) == {"IXI", "HCP"}
     assert set(samples["label"]) == {"euploid", "DS"}
+    models = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]
+    assert jobs["train_vae"] == jobs["encode_latents"] == len(models)
     # Nothing but the samples table was written by a dry run.
     assert not (tmp_path / "results" / "demo_cohort").exists()
+
+
+def test_train_labels_belong_to_cohort_or_a_model_not_to_training(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["training"]["train_labels"] = ["euploid"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, path, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "training.train_labels: set cohort.train_labels (every model) or models.<name>.train_labels" in (
+        result.stdout + result.stderr)

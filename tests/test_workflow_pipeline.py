@@ -57,6 +57,8 @@ def test_cohort_array_and_splits(pipeline):
     assert set(merged["split"]) == {"train", "val", "test"}
     assert set(merged["label"]) == {"euploid"}  # the default: the VAE never sees DS scans
     assert set(samples.loc[samples["label"] == "DS", "scan"]).isdisjoint(splits["scan"])
+    # The model folder holds the scans its VAE learnt from: with one variant on the default labels, all of them.
+    assert read_splits(pipeline["model"] / "splits.tsv").equals(splits)
 
 
 def test_preprocessed_scans_and_qc(pipeline):

@@ -2,9 +2,12 @@
 # A variant's settings are the shared `training` section with `models[<name>]` on top. Jobs ask for
 # resources gpu=1 only when the variant's device is `cuda`; `auto` uses a GPU if the node has one.
 
-from brainvae.vae.variants import split_run_options, uses_cuda, variant_settings
+from brainvae.vae.variants import split_run_options, split_train_labels, uses_cuda, variant_settings
 
-MODELS = {name: variant_settings(config["training"], overrides) for name, overrides in config["models"].items()}
+MODELS = {
+    name: variant_settings(config["training"], split_train_labels(overrides, None)[0])
+    for name, overrides in config["models"].items()
+}
 # Per variant: the training config (what is trained, hashed into the model's provenance) and the run
 # options (device, threads, deterministic: where and how it runs).
 MODEL_CONFIG = {name: split_run_options(settings)[0] for name, settings in MODELS.items()}
@@ -23,6 +26,8 @@ rule train_vae:
         splits=rules.cohort_splits.output[0],
     output:
         model=f"{OUT}/models/{{model}}/model.pt",
+        # The scans this variant learns from, validates on and is tested on (its labels' part of the cohort splits).
+        splits=f"{OUT}/models/{{model}}/splits.tsv",
         config=f"{OUT}/models/{{model}}/config.json",
         environment=f"{OUT}/models/{{model}}/environment.txt",
         metrics=f"{OUT}/models/{{model}}/metrics.json",
@@ -40,6 +45,7 @@ rule train_vae:
         f"{BENCHMARKS}/train_vae/{{model}}.tsv",
     params:
         config=lambda wildcards: MODEL_CONFIG[wildcards.model],
+        train_labels=lambda wildcards: MODEL_TRAIN_LABELS[wildcards.model],
         device=lambda wildcards: MODEL_RUN[wildcards.model]["device"],
         deterministic=lambda wildcards: MODEL_RUN[wildcards.model]["deterministic"],
         # Outside the declared outputs: Snakemake deletes a failed job's outputs, the checkpoint
@@ -63,7 +69,7 @@ rule evaluate_vae:
         array=rules.cohort_array.output.array,
         mask=rules.cohort_array.output.mask,
         index=rules.cohort_array.output.index,
-        splits=rules.cohort_splits.output[0],
+        splits=rules.train_vae.output.splits,
     output:
         per_scan=f"{OUT}/models/{{model}}/evaluation/per_scan_metrics.tsv",
         summary=report(
@@ -111,7 +117,7 @@ rule encode_latents:
         array=rules.cohort_array.output.array,
         mask=rules.cohort_array.output.mask,
         index=rules.cohort_array.output.index,
-        splits=rules.cohort_splits.output[0],
+        splits=rules.train_vae.output.splits,
     output:
         f"{OUT}/latents/{{model}}.parquet",
     log:

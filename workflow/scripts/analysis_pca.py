@@ -5,6 +5,7 @@ from brainvae.workflow import job_logging
 with job_logging(snakemake.log[0], snakemake.threads) as log:
     from pathlib import Path
 
+    from brainvae.analysis.features import load_latents
     from brainvae.analysis.pca import pca_report
     from brainvae.analysis.steps import feature_set, read_scan_table
 
@@ -12,6 +13,9 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
     scans = read_scan_table(i.scans)
     if p.kind == "latents":
         X = feature_set("latents", scans, latents=i.latents).X
+        # Colour by this model's own split: a variant that learns from fewer labels saw fewer scans.
+        latents = load_latents(i.latents, required=("scan", "split"))
+        scans = scans.assign(split=scans["scan"].map(dict(zip(latents["scan"], latents["split"]))))
         name = "latents"
     else:
         X = feature_set("voxels_pca", scans, voxels=i.voxels, voxel_index=i.voxel_index).X

@@ -32,6 +32,7 @@ __all__ = [
     "check_splits",
     "cohort_samples",
     "make_splits",
+    "model_splits",
     "mask_path_for",
     "read_index",
     "read_splits",
@@ -285,6 +286,26 @@ def training_splits(
                          f"{list(train_labels)} of datasets with role train/both, QC passed); "
                          "train, validation and test need at least one each")
     return make_splits(candidates, fractions=fractions, seed=seed)
+
+
+def model_splits(splits: str | os.PathLike[str] | pd.DataFrame, index: str | os.PathLike[str] | pd.DataFrame,
+                 labels: Sequence[str] | None, *, model: str = "model") -> pd.DataFrame:
+    """The cohort splits restricted to the scans whose label is in ``labels`` (``None``: all of them).
+
+    One frozen cohort split serves every model variant; a variant that learns from fewer labels
+    (the paper's euploid-only VAE next to one trained on every label) keeps each of its scans in the
+    same split. ``index``: the cohort index (``scan``, ``label``). Raises ValueError naming the
+    model and labels when the result has no training scan.
+    """
+    table = read_splits(splits)
+    if labels is not None:
+        index_df = read_index(index) if not isinstance(index, pd.DataFrame) else index
+        label_of = dict(zip(index_df["scan"].astype(str), index_df["label"].astype(str)))
+        table = table[table["scan"].map(label_of).isin([str(v) for v in labels])].reset_index(drop=True)
+    if not (table["split"] == "train").any():
+        raise ValueError(f"model {model!r}: no scan with a label in {list(labels) if labels is not None else 'any'} "
+                         "is in the cohort's train split; check models.<name>.train_labels and cohort.train_labels")
+    return table
 
 
 def check_splits(samples_df: pd.DataFrame, splits: pd.DataFrame, group: str = "subject") -> None:

@@ -11,10 +11,11 @@ Imported by the Snakefile when it builds the DAG, so it must not import torch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["RUN_KEYS", "split_run_options", "uses_cuda", "variant_settings"]
+__all__ = ["RUN_KEYS", "cohort_split_labels", "split_run_options", "split_train_labels", "uses_cuda",
+           "variant_settings"]
 
 #: Settings about where and how a job runs, not what is trained (not part of the model's config).
 RUN_KEYS = ("device", "threads", "deterministic")
@@ -37,6 +38,29 @@ def split_run_options(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     config = {k: copy.deepcopy(v) for k, v in settings.items() if k not in RUN_KEYS}
     run = {k: settings[k] for k in RUN_KEYS if k in settings}
     return config, run
+
+
+def split_train_labels(overrides: Mapping[str, Any] | None, default: Sequence[str] | None
+                       ) -> tuple[dict[str, Any], list[str] | None]:
+    """``(overrides without train_labels, labels the variant learns from)``.
+
+    ``train_labels`` is a per-variant choice of *which scans* are learnt from, not a training
+    setting, so it is not part of the model's config; absent, the variant takes ``default``
+    (``cohort.train_labels``). ``None``: every label.
+    """
+    overrides = dict(overrides or {})
+    labels = overrides.pop("train_labels") if "train_labels" in overrides else default
+    return overrides, (None if labels is None else [str(v) for v in labels])
+
+
+def cohort_split_labels(per_variant: Iterable[Sequence[str] | None]) -> list[str] | None:
+    """Labels the cohort splits must cover so that every variant finds its scans there (``None``: all)."""
+    union: set[str] = set()
+    for labels in per_variant:
+        if labels is None:
+            return None
+        union.update(str(v) for v in labels)
+    return sorted(union)
 
 
 def uses_cuda(device: str) -> bool:
