@@ -23,15 +23,18 @@ $(STAMP): requirements/torch.txt requirements/lock.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
+REPORT ?= results/report.html
+
+# The whole workflow on the demo cohort, then its HTML report (results/report.html).
 demo: env
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
+	$(BIN)/snakemake --report $(REPORT)
 
 dryrun: env
 	$(BIN)/snakemake --dry-run --quiet
 
 # The HTML report of the last run (QC, training, reconstructions, PCA, classification, tables): open it
-# in a browser. Run after `make demo` (or your own run, with the same --configfile).
-REPORT ?= results/report.html
+# in a browser. `make demo` writes it too; after your own run, use the same --configfile.
 report: env
 	$(BIN)/snakemake --report $(REPORT)
 
