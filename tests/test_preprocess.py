@@ -338,3 +338,24 @@ def test_real_scans_register_plausibly(real_t1w_dir, rel):
     # Plausible scale: brains are 0.8-1.25x the template per axis.
     s = np.linalg.svd(l2.affine[:3, :3], compute_uv=False)
     assert (s > 0.8).all() and (s < 1.25).all(), s
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_resampling_equals_one_thread(monkeypatch, threads):
+    """The spline prefilter is bitwise that of one thread; interpolation equal to float rounding."""
+    from brainvae.resample import _spline_filter, interpolation_threads
+
+    head = _small(templates.colin27_head(), 2)
+    a = np.eye(4)
+    a[:3, :3] = 0.97 * np.array([[1, 0.05, 0], [-0.05, 1, 0.02], [0, -0.02, 1]])
+    a[:3, 3] = [3.0, -5.0, 8.0]
+    data = np.asarray(head.dataobj, np.float32)
+    assert np.array_equal(_spline_filter(data, 3, threads), ndimage.spline_filter(data, order=3, output=np.float32))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = {order: resample_to_grid(head, a, "2mm", order=order).get_fdata() for order in (1, 3)}
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    assert interpolation_threads() == threads
+    for order in (1, 3):
+        many = resample_to_grid(head, a, "2mm", order=order).get_fdata()
+        np.testing.assert_allclose(many, single[order], rtol=0, atol=1e-5 * float(data.max()))
+        assert np.abs(single[order]).max() > 0  # the grid saw the head

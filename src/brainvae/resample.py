@@ -9,7 +9,9 @@ whole MNI152 2009a brain mask (x -72..72, y -107..73, z -72..82) with >= 2.5 mm 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -122,6 +124,72 @@ def _crop_to_grids(img: nib.Nifti1Image, affine_ras: np.ndarray, grids: Sequence
     return nib.Nifti1Image(np.asarray(img.dataobj)[box], affine)
 
 
+def interpolation_threads() -> int:
+    """Threads for spline filtering and interpolation: the job's thread count.
+
+    ``brainvae.workflow.set_thread_count`` (every job) and ``brainvae.bias.set_threads`` put it in
+    ``OMP_NUM_THREADS``; unset (a plain Python session) it is 1.
+    """
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, min(parts, n) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _spline_filter(data: np.ndarray, order: int, threads: int) -> np.ndarray:
+    """``ndimage.spline_filter(data, order, output=float32)``, each axis's lines split over threads.
+
+    Every 1D line is filtered independently, so the result is bitwise that of one thread.
+    """
+    if threads <= 1 or data.ndim != 3:
+        return ndimage.spline_filter(data, order=order, output=np.float32)
+    out = np.empty(data.shape, dtype=np.float32)
+    source = data
+    with ThreadPoolExecutor(threads) as pool:
+        for axis in range(3):
+            across = (axis + 1) % 3  # split along another axis, so each thread filters whole lines
+
+            def run(bounds, axis=axis, across=across, source=source):
+                index = [slice(None)] * 3
+                index[across] = slice(*bounds)
+                part = tuple(index)
+                ndimage.spline_filter1d(source[part], order, axis, output=out[part], mode="mirror")
+
+            list(pool.map(run, _chunks(data.shape[across], threads)))
+            source = out  # as scipy's spline_filter: later axes filter the result in place
+    return out
+
+
+def _affine_transform(coeffs: np.ndarray, m: np.ndarray, shape: tuple[int, ...], order: int, cval: float,
+                      threads: int) -> np.ndarray:
+    """``ndimage.affine_transform`` (prefiltered input), output slabs along axis 0 over threads.
+
+    scipy releases the GIL while interpolating. A slab starting at row r maps through the offset
+    moved by r rows, which can change the last bit of a coordinate: outputs with several threads
+    equal one thread's to float rounding, not bitwise (one thread is the exact reference).
+    """
+    kwargs = dict(order=order, mode="constant", cval=cval, prefilter=False)
+    if threads <= 1 or shape[0] < 2 * threads:
+        return ndimage.affine_transform(coeffs, m[:3, :3], m[:3, 3], output_shape=shape, output=np.float32,
+                                        **kwargs)
+    out = np.empty(shape, dtype=np.float32)
+
+    def run(bounds):
+        a, b = bounds
+        offset = m[:3, 3] + m[:3, 0] * a
+        ndimage.affine_transform(coeffs, m[:3, :3], offset, output_shape=(b - a, *shape[1:]), output=out[a:b],
+                                 **kwargs)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, _chunks(shape[0], threads)))
+    return out
+
+
 def resample_to_grids(
     img: nib.Nifti1Image,
     affine_ras: np.ndarray,
@@ -134,21 +202,19 @@ def resample_to_grids(
 
     Each output is a single interpolation straight from the native voxels (no intermediate
     grids). For cubic splines the prefilter (the expensive part) is computed once and shared.
-    Outputs are float32; cubic ringing below the input minimum is clipped to it.
+    Outputs are float32; cubic ringing below the input minimum is clipped to it. Both run on
+    :func:`interpolation_threads` threads.
     """
     grids = [get_grid(g) for g in grids]
     data = np.asarray(img.dataobj, dtype=np.float32)
     lo, hi = float(data.min()), float(data.max())
     img = _crop_to_grids(nib.Nifti1Image(data, img.affine), affine_ras, grids)
     data = np.asarray(img.dataobj)
-    coeffs = ndimage.spline_filter(data, order=order, output=np.float32) if order > 1 else data
+    threads = interpolation_threads()
+    coeffs = _spline_filter(data, order, threads) if order > 1 else data
     out = []
     for g in grids:
-        m = _voxel_map(img, affine_ras, g)
-        res = ndimage.affine_transform(
-            coeffs, m[:3, :3], m[:3, 3], output_shape=g.shape, order=order,
-            mode="constant", cval=cval, prefilter=False, output=np.float32,
-        )
+        res = _affine_transform(coeffs, _voxel_map(img, affine_ras, g), tuple(g.shape), order, cval, threads)
         if order > 1:
             np.clip(res, min(lo, cval), max(hi, cval), out=res)
         out.append(nib.Nifti1Image(res, g.affine))
