@@ -126,7 +126,7 @@ rule resample:
         grid=GRID,
         order=config["preprocess"]["interpolation_order"],
         normalisation=config["preprocess"]["normalisation"],
-    threads: 1
+    threads: PREP_THREADS
     resources:
         mem_mb=3000,
         runtime=10,
