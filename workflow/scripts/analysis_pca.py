@@ -5,17 +5,18 @@ from brainvae.workflow import job_logging
 with job_logging(snakemake.log[0], snakemake.threads) as log:
     from pathlib import Path
 
-    from brainvae.analysis.features import load_latents
+    from brainvae.analysis.features import align_rows, latent_matrix, load_latents
     from brainvae.analysis.pca import pca_report
     from brainvae.analysis.steps import feature_set, read_scan_table
 
     i, p = snakemake.input, snakemake.params
     scans = read_scan_table(i.scans)
     if p.kind == "latents":
-        X = feature_set("latents", scans, latents=i.latents).X
-        # Colour by this model's own split: a variant that learns from fewer labels saw fewer scans.
-        latents = load_latents(i.latents, required=("scan", "split"))
-        scans = scans.assign(split=scans["scan"].map(dict(zip(latents["scan"], latents["split"]))))
+        # Read once: the latent means, and this model's own split to colour by (a variant that learns from
+        # fewer labels saw fewer scans), both matched to the analysis table as feature_set("latents") does.
+        latents = load_latents(i.latents, required=("scan", "dataset", "participant", "split"))
+        X = align_rows(scans, latents, latent_matrix(latents), what=str(i.latents))
+        scans = scans.assign(split=align_rows(scans, latents, latents["split"].to_numpy(), what=str(i.latents)))
         name = "latents"
     else:
         X = feature_set("voxels_pca", scans, voxels=i.voxels, voxel_index=i.voxel_index).X
