@@ -26,8 +26,10 @@ rule all:
     input:
         SAMPLES_TSV,
         f"{DERIV}/dataset_description.json",
-        expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-preproc_T1w.nii.gz", scan=SAMPLES.index),
-        expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz", scan=SAMPLES.index),
+        # Every scan's preprocessed image and mask. With one job per scan the QC table (below) already asks for
+        # every scan's job; listing its files here too would only slow planning (README, "Scale").
+        [] if ONE_JOB_PER_SCAN else expand(SCAN_FILES["preproc"], scan=SAMPLES.index),
+        [] if ONE_JOB_PER_SCAN else expand(SCAN_FILES["preproc_mask"], scan=SAMPLES.index),
         f"{OUT}/qc/qc.tsv",
         COHORT_TARGETS,
         VAE_TARGETS,

@@ -6,7 +6,8 @@
 Planning: builds a synthetic BIDS tree of ``--subjects`` subjects with empty T1w files (the tree of
 bench_bids_index.py: every 10th subject has two sessions, plus a derivatives/ tree to ignore) in a temporary
 folder and times ``snakemake --dry-run --quiet rules`` of ``rule all`` on it: one Snakemake start, BIDS indexing,
-the whole DAG (7 per-scan rules per scan, then the cohort, VAE and analysis jobs).
+the whole DAG (7 per-scan rules per scan, or 1 with ``preprocess.one_job_per_scan``: ``--layout``; then the
+cohort, VAE and analysis jobs).
 
 No-op rerun: ``--noop DIR`` is the working folder of a finished run (``.`` for ``make demo``'s results/, with
 ``--configfile`` if it was not config/config.yaml). A dry run must first report nothing to do (otherwise the
@@ -70,7 +71,7 @@ def planned_job_count(output: str) -> int:
     raise SystemExit(f"no job-stats table in the dry run's output:\n{output[-2000:]}")
 
 
-def bench_plan(n_subjects: int, repeats: int, cores: int) -> None:
+def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bids"
         start = time.perf_counter()
@@ -81,17 +82,22 @@ def bench_plan(n_subjects: int, repeats: int, cores: int) -> None:
         config["output_dir"] = str(Path(tmp) / "results")
         config["datasets"] = [{"name": "bench", "bids_dir": str(root), "role": "both", "label_column": "group",
                                "labels": ["euploid", "DS"], "covariates": ["age"]}]
-        configfile = Path(tmp) / "config.yaml"
-        configfile.write_text(yaml.safe_dump(config))
-        walls, cpus = [], []
-        for _ in range(repeats):
-            elapsed, cpu, result = snakemake(Path(tmp), [configfile], "--dry-run", "--quiet", "rules",
-                                             "--cores", str(cores))
-            walls.append(elapsed)
-            cpus.append(cpu)
-        jobs = planned_job_count(result.stdout + result.stderr)
-        print(f"snakemake --dry-run, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
-              f"{summary(walls, cpus)} (goal <= 30 s)")
+        for layout in layouts:
+            config["preprocess"]["one_job_per_scan"] = layout == "scan"
+            configfile = Path(tmp) / f"config_{layout}.yaml"
+            configfile.write_text(yaml.safe_dump(config))
+            walls, cpus = [], []
+            for _ in range(repeats):
+                elapsed, cpu, result = snakemake(Path(tmp), [configfile], "--dry-run", "--quiet", "rules",
+                                                 "--cores", str(cores))
+                walls.append(elapsed)
+                cpus.append(cpu)
+            jobs = planned_job_count(result.stdout + result.stderr)
+            print(f"snakemake --dry-run, {LAYOUTS[layout]}, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
+                  f"{summary(walls, cpus)} (goal <= 30 s)")
+
+
+LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per_scan"}
 
 
 def output_files(folder: Path) -> dict[str, int]:
@@ -128,6 +134,8 @@ def bench_noop(workdir: Path, configfiles: list[Path], repeats: int, cores: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=5000, help="synthetic subjects to plan (0: skip)")
+    parser.add_argument("--layout", nargs="+", choices=sorted(LAYOUTS), default=["step", "scan"],
+                        help="preprocessing job layouts to plan: step (seven jobs per scan), scan (one job per scan)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--noop", type=Path, metavar="DIR", help="working folder of a finished run to rerun")
@@ -136,7 +144,7 @@ def main() -> None:
     parser.add_argument("--until", nargs="+", metavar="RULE", help="the run stopped after these rules")
     args = parser.parse_args()
     if args.subjects:
-        bench_plan(args.subjects, args.repeats, args.cores)
+        bench_plan(args.subjects, args.repeats, args.cores, args.layout)
     if args.noop:
         bench_noop(args.noop.resolve(), args.configfile, args.repeats, args.cores, args.until)
 

@@ -410,13 +410,22 @@ def distributions(import_name: str) -> set[str]:
 
 
 def test_rule_parser_finds_every_rule_of_the_workflow(tmp_path):
-    """The .smk parser sees exactly the rules Snakemake sees (so no rule escapes the env checks)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(REPO / "config" / "config.yaml"), "--list-rules"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    listed = {line.strip() for line in result.stdout.splitlines() if re.fullmatch(r"\s*\w+\s*", line)}
+    """The .smk parser sees exactly the rules Snakemake sees (so no rule escapes the env checks), over both
+    preprocessing job layouts (preprocess.one_job_per_scan defines other rules)."""
+    listed = set()
+    for one_job_per_scan in (False, True):
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config["preprocess"]["one_job_per_scan"] = one_job_per_scan
+        configfile = tmp_path / f"config_{one_job_per_scan}.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+             str(tmp_path), "--configfile", str(configfile), "--list-rules"],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        rules = {line.strip() for line in result.stdout.splitlines() if re.fullmatch(r"\s*\w+\s*", line)}
+        assert ("preprocess_scan" in rules) == one_job_per_scan and ("n4" in rules) != one_job_per_scan
+        listed |= rules
     assert listed == {r.name for r in workflow_rules()}
 
 
@@ -518,10 +527,16 @@ def test_profiles_let_conda_jobs_import_brainvae_from_the_checkout(profile):
         f"{profile.relative_to(REPO)}: add `conda-not-block-search-path-envvars: true`")
 
 
-def test_lint_is_clean(tmp_path):
+@pytest.mark.parametrize("one_job_per_scan", [False, True], ids=["per_step", "one_job_per_scan"])
+def test_lint_is_clean(tmp_path, one_job_per_scan):
+    """Both preprocessing job layouts (preprocess.one_job_per_scan defines other rules)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["preprocess"]["one_job_per_scan"] = one_job_per_scan
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(REPO / "config" / "config.yaml"), "--lint"],
+         "--configfile", str(configfile), "--lint"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"snakemake --lint:\n{result.stdout}\n{result.stderr}"
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr

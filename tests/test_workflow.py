@@ -70,3 +70,21 @@ def test_train_labels_belong_to_cohort_or_a_model_not_to_training(tmp_path):
     assert result.returncode != 0
     assert "training.train_labels: set cohort.train_labels (every model) or models.<name>.train_labels" in (
         result.stdout + result.stderr)
+
+
+PER_STEP_RULES = {"conform", "n4", "register_level1", "skullstrip", "register_level2", "resample", "qc_scan"}
+
+
+def test_one_job_per_scan_plans_one_preprocessing_job_per_scan(tmp_path):
+    """preprocess.one_job_per_scan: rule preprocess_scan replaces the seven per-scan rules; the rest is unchanged."""
+    per_step = planned_jobs(snakemake(tmp_path, demo_config(tmp_path, subjects=12), "--dry-run").stdout)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["preprocess"]["one_job_per_scan"] = True
+    path = tmp_path / "one_job_per_scan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    per_scan = planned_jobs(snakemake(tmp_path, path, "--dry-run").stdout)
+    samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert per_scan["preprocess_scan"] == len(samples) == per_step["conform"]
+    assert not PER_STEP_RULES & set(per_scan) and "preprocess_scan" not in per_step
+    assert {rule: n for rule, n in per_step.items() if rule not in PER_STEP_RULES} == {
+        rule: n for rule, n in per_scan.items() if rule != "preprocess_scan"}

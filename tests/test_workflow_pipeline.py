@@ -298,6 +298,84 @@ def test_edited_script_reruns_its_rule_and_what_follows(pipeline, tmp_path):
     assert jobs["cohort_array"] == 1 and jobs["train_vae"] == 1 and "analysis_classify_latents" in jobs
 
 
+SCAN_FILE_SUFFIXES = {  # workflow/rules/common.smk, SCAN_FILES
+    "conformed": "_desc-conform_T1w.nii.gz", "conform_sidecar": "_desc-conform_T1w.json",
+    "biasfield": "_desc-biasfield_T1w.nii.gz", "headmask": "_desc-head_mask.nii.gz",
+    "level1_xfm": "_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-level1_xfm.mat",
+    "level1_info": "_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-level1_xfm.json",
+    "brain_mask": "_desc-brain_mask.nii.gz", "brain_mask_info": "_desc-brain_mask.json",
+    "xfm": "_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",
+    "xfm_info": "_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.json",
+    "preproc": "_space-MNI152NLin2009aSym_res-demo_desc-preproc_T1w.nii.gz",
+    "preproc_mask": "_space-MNI152NLin2009aSym_res-demo_desc-brain_mask.nii.gz",
+    "qc_png": "_desc-qc_T1w.png", "qc_metrics": "_desc-qc_metrics.json",
+}
+
+
+def test_one_job_per_scan_writes_the_same_files_and_records_bad_inputs(pipeline, tmp_path):
+    """preprocess.one_job_per_scan on two demo scans and one unusable file of the tiny run: the same files as the
+    per-step rules wrote (images bitwise), and the unusable input fails its job alone, with its failure record."""
+    from brainvae.steps import SCAN_OUTPUTS
+
+    assert set(SCAN_OUTPUTS) == set(SCAN_FILE_SUFFIXES)
+    config = yaml.safe_load(pipeline["configfile"].read_text())
+    ixi = next(d for d in config["datasets"] if d["name"] == "IXI")
+    source = pipeline["workdir"] / ixi["bids_dir"]
+    participants = pd.read_csv(source / "participants.tsv", sep="\t", dtype=str, keep_default_na=False)
+    subjects = sorted(p.name for p in source.glob("sub-*") if not any(p.glob("ses-*")))[:2]  # scan = sub/anat/sub
+    bids = tmp_path / "IXI"
+    bids.mkdir()
+    shutil.copy(source / "dataset_description.json", bids)
+    participants[participants["participant_id"].isin(subjects)].to_csv(bids / "participants.tsv", sep="\t",
+                                                                         index=False)
+    for subject in subjects:
+        shutil.copytree(source / subject, bids / subject)
+    messy = tmp_path / "messy"
+    bad = next(pipeline["bids"].glob("sub-truncgz/anat/*_T1w.nii.gz"))
+    (messy / "sub-truncgz" / "anat").mkdir(parents=True)
+    shutil.copy(bad, messy / "sub-truncgz" / "anat" / bad.name)
+    shutil.copy(pipeline["bids"] / "dataset_description.json", messy)
+    (messy / "participants.tsv").write_text("participant_id\tgroup\tage\tsex\nsub-truncgz\tDS\t40\tF\n")
+    messy_entry = next(d for d in config["datasets"] if d["name"] == "messy")
+    config["datasets"] = [{**ixi, "bids_dir": str(bids)}, {**messy_entry, "bids_dir": str(messy)}]
+    config["preprocess"]["one_job_per_scan"] = True
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    scans = [f"{subject}/anat/{subject}" for subject in subjects]
+    bad_scan = "sub-truncgz/anat/sub-truncgz"
+    targets = [f"results/derivatives/brainvae/{scan}_desc-qc_metrics.json" for scan in [*scans, bad_scan]]
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(tmp_path), "--configfile", str(configfile), "--workflow-profile", str(PROFILE), "--cores", "2",
+               "--keep-going", *targets]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    terminal = result.stdout + result.stderr
+    assert result.returncode != 0, terminal
+    assert set(re.findall(r"^\s*Error in rule (\w+):", terminal, re.MULTILINE)) == {"preprocess_scan"}, terminal
+    log = (tmp_path / "results" / "logs" / "preprocess_scan" / f"{bad_scan}.log").read_text()
+    assert "truncated gzip" in log, log
+    record = json.loads((tmp_path / "results" / "qc" / "failed_inputs" / f"{bad_scan}.json").read_text())
+    assert record["step"] == "conform" and "truncated gzip" in record["reason"]
+    deriv = tmp_path / "results" / "derivatives" / "brainvae"
+    for scan in scans:
+        for name, suffix in SCAN_FILE_SUFFIXES.items():
+            ours, theirs = deriv / f"{scan}{suffix}", pipeline["deriv"] / f"{scan}{suffix}"
+            if suffix.endswith(".nii.gz"):
+                a, b = nib.load(ours), nib.load(theirs)
+                assert (a.affine == b.affine).all() and (a.get_fdata() == b.get_fdata()).all(), (scan, name)
+            elif suffix.endswith(".json"):
+                # Paths differ: the input is a copy of the scan (SourcePath), and Sources names the per-step
+                # rules' temp() file, here a temporary file of the job.
+                a, b = ({k: v for k, v in json.loads(path.read_text()).items() if k not in {"Sources", "SourcePath"}}
+                        for path in (ours, theirs))
+                assert a == b, (scan, name)
+            elif suffix.endswith(".mat"):
+                assert ours.read_bytes() == theirs.read_bytes(), (scan, name)
+            else:
+                assert ours.stat().st_size > 10_000, (scan, name)
+        bench = pd.read_csv(tmp_path / "results" / "benchmarks" / "preprocess_scan" / f"{scan}.tsv", sep="\t")
+        assert bench["s"].iloc[0] > 0
+
+
 # --- Analysis (workflow/rules/analysis.smk) ---------------------------------------------------------
 
 CLASSIFIERS = ["logreg", "linear_svm", "rbf_svm", "random_forest", "knn"]

@@ -144,3 +144,58 @@ def qc_table_file(metric_jsons: Sequence[PathLike], out_tsv: PathLike, *, exclud
     formatted = qc_table(rows)
     write_qc_table(formatted, out_tsv)
     return formatted
+
+
+#: The kept files of one scan, in chain order: the outputs of :func:`preprocess_scan_files`.
+SCAN_OUTPUTS = ("conformed", "conform_sidecar", "biasfield", "headmask", "level1_xfm", "level1_info", "brain_mask",
+                "brain_mask_info", "xfm", "xfm_info", "preproc", "preproc_mask", "qc_png", "qc_metrics")
+
+
+def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
+                          conform: Mapping[str, Any], n4: Mapping[str, Any], skullstrip_method: str = "deepbet",
+                          grid: str = "demo", order: int = 3, normalisation: Mapping[str, Any] | None = None,
+                          qc_thresholds: Mapping[str, float] | None = None, threads: int = 1,
+                          failure_records: PathLike | None = None, scan: str | None = None,
+                          conform_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The whole per-scan chain in one process: conform -> N4 -> level-1 -> skull-strip -> level-2 ->
+    the one resampling -> QC, writing the same files as the per-step rules (``out``: keys of
+    :data:`SCAN_OUTPUTS`).
+
+    Each step is the per-step rules' own file-level function, called in the same order on the same
+    files, so both job layouts give the same outputs. The two intermediates the per-step rules keep as
+    ``temp()`` files (the corrected head and the level-1-aligned head) go to a temporary folder, deleted
+    at the end. ``failure_records`` (:func:`brainvae.failures.records_dir`) records an
+    unusable input as the conform rule does, under the scan's key ``scan``. Returns the QC metrics.
+    """
+    import tempfile
+    from contextlib import nullcontext
+
+    from .conform import conform_scan
+    from .failures import recording_input_errors
+    from .preprocess import bias_correct_file, level1_file, level2_file
+
+    missing = set(SCAN_OUTPUTS) - set(out)
+    if missing:
+        raise ValueError(f"preprocess_scan_files: no output path for {sorted(missing)}")
+    norm = {"method": "percentile", "percentiles": (1.0, 99.0), "background": 0.0, **(normalisation or {})}
+    recording = (recording_input_errors(failure_records, scan or scan_key, in_t1w, step="conform",
+                                        settings=conform_settings or {})
+                 if failure_records is not None else nullcontext())
+    with recording:
+        conform_scan(in_t1w, out["conformed"], out["conform_sidecar"], **conform)
+    # The job's temporary folder ($TMPDIR, node-local on most clusters; Snakemake sets it from resources.tmpdir).
+    with tempfile.TemporaryDirectory(prefix="brainvae_preprocess_scan_") as tmp:
+        corrected = os.path.join(tmp, "desc-n4_T1w.nii")
+        level1_head = os.path.join(tmp, "space-level1_T1w.nii")
+        bias_correct_file(out["conformed"], corrected, out["biasfield"], out["headmask"], threads=threads, **n4)
+        level1_file(corrected, out["level1_xfm"], level1_head, out["level1_info"], threads=threads)
+        skullstrip_file(level1_head, out["level1_xfm"], corrected, out["brain_mask"], out["brain_mask_info"],
+                        method=skullstrip_method, threads=threads)
+        level2_file(corrected, out["brain_mask"], out["level1_xfm"], out["xfm"], out["xfm_info"],
+                    mask_space="native", threads=threads)
+    preprocess_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"], out["preproc"],
+                    out["preproc_mask"], grid=grid, order=order, method=norm["method"],
+                    percentiles=norm["percentiles"], background=norm["background"])
+    return qc_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"],
+                   {"level1": out["level1_info"], "level2": out["xfm_info"]}, out["qc_png"], out["qc_metrics"],
+                   scan=scan_key, thresholds=qc_thresholds, skullstrip_info=out["brain_mask_info"])

@@ -87,8 +87,8 @@ rule analysis_scans:
     input:
         index=rules.cohort_array.output.index,
         splits=rules.cohort_splits.output[0],
-        qc=expand(rules.qc_scan.output.metrics, scan=COHORT_SCANS),
-        xfm=expand(rules.register_level2.output.info, scan=COHORT_SCANS),
+        qc=expand(SCAN_FILES["qc_metrics"], scan=COHORT_SCANS),
+        xfm=expand(SCAN_FILES["xfm_info"], scan=COHORT_SCANS),
     output:
         f"{ANALYSIS_DIR}/scans.tsv",
     log:

@@ -53,8 +53,8 @@ rule cohort_splits:
 rule cohort_array:
     input:
         samples=SAMPLES_TSV,
-        images=expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-preproc_T1w.nii.gz", scan=COHORT_SCANS),
-        masks=expand(f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz", scan=COHORT_SCANS),
+        images=expand(SCAN_FILES["preproc"], scan=COHORT_SCANS),
+        masks=expand(SCAN_FILES["preproc_mask"], scan=COHORT_SCANS),
     output:
         array=f"{COHORT}/cohort.npy",
         mask=f"{COHORT}/cohort_mask.npy",

@@ -27,6 +27,31 @@ LOGS = f"{OUT}/logs"
 # what to size `resources:` and cluster requests from.
 BENCHMARKS = f"{OUT}/benchmarks"
 SAMPLES_TSV = f"{OUT}/samples.tsv"
+
+MNI = "MNI152NLin2009aSym"
+GRID = config["preprocess"]["grid"]
+PREP_THREADS = config["preprocess"]["threads"]
+# One Snakemake job per scan (preprocess_scan in preprocess.smk) instead of one per step. A DAG 7x smaller for
+# cohorts of thousands (README, "Scale"), at the price of rerunning a scan's whole chain when any step's setting
+# changes.
+ONE_JOB_PER_SCAN = config["preprocess"]["one_job_per_scan"]
+# The kept files of one scan (BIDS-Derivatives names), written by the per-step rules or by preprocess_scan.
+SCAN_FILES = {
+    "conformed": f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz",
+    "conform_sidecar": f"{DERIV}/{{scan}}_desc-conform_T1w.json",
+    "biasfield": f"{DERIV}/{{scan}}_desc-biasfield_T1w.nii.gz",
+    "headmask": f"{DERIV}/{{scan}}_desc-head_mask.nii.gz",
+    "level1_xfm": f"{DERIV}/{{scan}}_from-T1w_to-{MNI}_mode-image_desc-level1_xfm.mat",
+    "level1_info": f"{DERIV}/{{scan}}_from-T1w_to-{MNI}_mode-image_desc-level1_xfm.json",
+    "brain_mask": f"{DERIV}/{{scan}}_desc-brain_mask.nii.gz",
+    "brain_mask_info": f"{DERIV}/{{scan}}_desc-brain_mask.json",
+    "xfm": f"{DERIV}/{{scan}}_from-T1w_to-{MNI}_mode-image_xfm.mat",
+    "xfm_info": f"{DERIV}/{{scan}}_from-T1w_to-{MNI}_mode-image_xfm.json",
+    "preproc": f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-preproc_T1w.nii.gz",
+    "preproc_mask": f"{DERIV}/{{scan}}_space-{MNI}_res-{GRID}_desc-brain_mask.nii.gz",
+    "qc_png": f"{DERIV}/{{scan}}_desc-qc_T1w.png",
+    "qc_metrics": f"{DERIV}/{{scan}}_desc-qc_metrics.json",
+}
 # Scans whose input file failed validation in an earlier run (brainvae.failures): left out of SAMPLES
 # until the file or the conform settings change; listed here and in qc/qc.tsv.
 FAILED_INPUTS_TSV = f"{OUT}/failed_inputs.tsv"
@@ -53,11 +78,21 @@ wildcard_constraints:
     scan=SCAN_WILDCARD,
 
 
+# Row of each scan as a dict: a lookup per job (input functions, params) costs ~1 us, SAMPLES.loc ~100 us,
+# which adds up when planning thousands of scans.
+SAMPLE_ROWS = SAMPLES.to_dict("index")
+
+
 def scan_input(wildcards):
     """The raw T1w file of one scan."""
-    return SAMPLES.loc[wildcards.scan, "path"]
+    return SAMPLE_ROWS[wildcards.scan]["path"]
+
+
+def scan_key(wildcards):
+    """The scan's key (``sub-01_ses-2``): its name in QC tables and lists such as ``qc.exclude``."""
+    return SAMPLE_ROWS[wildcards.scan]["scan_key"]
 
 
 def scan_source_uri(wildcards):
     """BIDS URI of the raw scan (``bids:<dataset>:<path in dataset>``), recorded in every sidecar."""
-    return bids_uri(SAMPLES.loc[wildcards.scan], config)
+    return bids_uri(SAMPLE_ROWS[wildcards.scan], config)

@@ -1,5 +1,8 @@
 # Step 1: validate and conform every input scan (a lossless reorientation; nothing is resampled).
 
+# The settings of conform_scan that rule conform (and preprocess_scan) passes on.
+CONFORM_CHECKS = ("orientation", "volume_index", "min_voxel_mm", "max_voxel_mm", "max_anisotropy")
+
 
 rule derivatives_description:
     output:
@@ -18,30 +21,32 @@ rule derivatives_description:
         "../scripts/derivatives_description.py"
 
 
-rule conform:
-    input:
-        t1w=scan_input,
-    output:
-        image=f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz",
-        sidecar=f"{DERIV}/{{scan}}_desc-conform_T1w.json",
-    log:
-        f"{LOGS}/conform/{{scan}}.log",
-    benchmark:
-        f"{BENCHMARKS}/conform/{{scan}}.tsv",
-    params:
-        orientation=config["conform"]["orientation"],
-        volume_index=config["conform"]["volume_index"],
-        min_voxel_mm=config["conform"]["min_voxel_mm"],
-        max_voxel_mm=config["conform"]["max_voxel_mm"],
-        max_anisotropy=config["conform"]["max_anisotropy"],
-        source_uri=scan_source_uri,
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    group:
-        "preprocess"
-    conda:
-        "../../envs/preprocess.yaml"
-    script:
-        "../scripts/conform.py"
+if not ONE_JOB_PER_SCAN:
+
+    rule conform:
+        input:
+            t1w=scan_input,
+        output:
+            image=SCAN_FILES["conformed"],
+            sidecar=SCAN_FILES["conform_sidecar"],
+        log:
+            f"{LOGS}/conform/{{scan}}.log",
+        benchmark:
+            f"{BENCHMARKS}/conform/{{scan}}.tsv",
+        params:
+            orientation=config["conform"]["orientation"],
+            volume_index=config["conform"]["volume_index"],
+            min_voxel_mm=config["conform"]["min_voxel_mm"],
+            max_voxel_mm=config["conform"]["max_voxel_mm"],
+            max_anisotropy=config["conform"]["max_anisotropy"],
+            source_uri=scan_source_uri,
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        group:
+            "preprocess"
+        conda:
+            "../../envs/preprocess.yaml"
+        script:
+            "../scripts/conform.py"

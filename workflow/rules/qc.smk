@@ -1,46 +1,48 @@
 # Quality control: a picture and metrics per scan, then one table with automatic flags and outliers.
 
 
-rule qc_scan:
-    input:
-        image=rules.conform.output.image,
-        biasfield=rules.n4.output.biasfield,
-        mask=rules.skullstrip.output.mask,
-        xfm=rules.register_level2.output.xfm,
-        level1=rules.register_level1.output.info,
-        level2=rules.register_level2.output.info,
-        strip_info=rules.skullstrip.output.info,
-    output:
-        png=report(
-            f"{DERIV}/{{scan}}_desc-qc_T1w.png",
-            caption="../report/qc_scan.rst",
-            category="Quality control",
-            subcategory="Per scan",
-            labels={"scan": "{scan}"},
-        ),
-        metrics=f"{DERIV}/{{scan}}_desc-qc_metrics.json",
-    log:
-        f"{LOGS}/qc_scan/{{scan}}.log",
-    benchmark:
-        f"{BENCHMARKS}/qc_scan/{{scan}}.tsv",
-    params:
-        thresholds=config["qc"]["thresholds"],
-        scan_key=lambda wildcards: SAMPLES.loc[wildcards.scan, "scan_key"],
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    group:
-        "preprocess"
-    conda:
-        "../../envs/preprocess.yaml"
-    script:
-        "../scripts/qc_scan.py"
+if not ONE_JOB_PER_SCAN:
+
+    rule qc_scan:
+        input:
+            image=rules.conform.output.image,
+            biasfield=rules.n4.output.biasfield,
+            mask=rules.skullstrip.output.mask,
+            xfm=rules.register_level2.output.xfm,
+            level1=rules.register_level1.output.info,
+            level2=rules.register_level2.output.info,
+            strip_info=rules.skullstrip.output.info,
+        output:
+            png=report(
+                SCAN_FILES["qc_png"],
+                caption="../report/qc_scan.rst",
+                category="Quality control",
+                subcategory="Per scan",
+                labels={"scan": "{scan}"},
+            ),
+            metrics=SCAN_FILES["qc_metrics"],
+        log:
+            f"{LOGS}/qc_scan/{{scan}}.log",
+        benchmark:
+            f"{BENCHMARKS}/qc_scan/{{scan}}.tsv",
+        params:
+            thresholds=config["qc"]["thresholds"],
+            scan_key=scan_key,
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        group:
+            "preprocess"
+        conda:
+            "../../envs/preprocess.yaml"
+        script:
+            "../scripts/qc_scan.py"
 
 
 rule qc_table:
     input:
-        metrics=expand(f"{DERIV}/{{scan}}_desc-qc_metrics.json", scan=SAMPLES.index),
+        metrics=expand(SCAN_FILES["qc_metrics"], scan=SAMPLES.index),
         # Scans left out because their input file failed validation: rows with their reason.
         failed_inputs=FAILED_INPUTS_TSV,
     output:
