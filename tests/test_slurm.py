@@ -182,19 +182,22 @@ def test_profile_plans_grouped_preprocessing(tmp_path):
     settings = profile_settings()
     assert settings["executor"] == "slurm"
     per_group = int(dict(item.split("=") for item in settings["group-components"])["preprocess"])
-    configfile = tmp_path / "config.yaml"
-    with open(REPO / "config" / "config.yaml") as handle:
-        configfile.write_text(handle.read())  # the demo cohort, 40 subjects
-    plan = subprocess.run(snakemake_command(tmp_path, configfile, "--workflow-profile", str(PROFILE), "--dry-run"),
-                          capture_output=True, text=True, timeout=300)
-    assert plan.returncode == 0, plan.stderr[-4000:]
-    samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str)
-    assert len(samples) > per_group
-    assert (plan.stdout + plan.stderr).count("Group job preprocess") == math.ceil(len(samples) / per_group)
-    # Resources set per rule must name real rules (Snakemake ignores unknown names silently).
-    rules = subprocess.run(snakemake_command(tmp_path, configfile, "--list-rules"), capture_output=True,
-                           text=True, timeout=300, check=True).stdout.split()
-    assert set(settings["set-resources"]) <= set(rules)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # the demo cohort
+    rules = set()
+    for one_job_per_scan in (False, True):  # both preprocessing job layouts are grouped the same way
+        config["preprocess"]["one_job_per_scan"] = one_job_per_scan
+        configfile = tmp_path / f"config_{one_job_per_scan}.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        plan = subprocess.run(snakemake_command(tmp_path, configfile, "--workflow-profile", str(PROFILE),
+                                                "--dry-run"), capture_output=True, text=True, timeout=300)
+        assert plan.returncode == 0, plan.stderr[-4000:]
+        samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str)
+        assert len(samples) > per_group
+        assert (plan.stdout + plan.stderr).count("Group job preprocess") == math.ceil(len(samples) / per_group)
+        rules |= set(subprocess.run(snakemake_command(tmp_path, configfile, "--list-rules"), capture_output=True,
+                                    text=True, timeout=300, check=True).stdout.split())
+    # Threads and resources set per rule must name real rules (Snakemake ignores unknown names silently).
+    assert set(settings["set-resources"]) | set(settings["set-threads"]) <= rules
 
 
 @pytest.mark.slurm

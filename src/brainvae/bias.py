@@ -7,7 +7,6 @@ image live on exactly the input grid (no resampling of intensities).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import nibabel as nib
@@ -31,14 +30,14 @@ def set_threads(n: int) -> None:
 
     Call it before the first ITK call of the process: ANTsPy's bundled ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when it first creates a thread pool.
+    :func:`brainvae.workflow.set_thread_count` (what every job calls), with SimpleITK imported first so that
+    its global default is set too.
     """
-    n = max(1, int(n))
-    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    import SimpleITK as sitk
+    import SimpleITK  # noqa: F401
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    from .workflow import set_thread_count
+
+    set_thread_count(n)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
