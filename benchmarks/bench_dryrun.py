@@ -71,6 +71,9 @@ def planned_job_count(output: str) -> int:
     raise SystemExit(f"no job-stats table in the dry run's output:\n{output[-2000:]}")
 
 
+LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per_scan"}
+
+
 def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bids"
@@ -95,9 +98,6 @@ def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str]) ->
             jobs = planned_job_count(result.stdout + result.stderr)
             print(f"snakemake --dry-run, {LAYOUTS[layout]}, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
                   f"{summary(walls, cpus)} (goal <= 30 s)")
-
-
-LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per_scan"}
 
 
 def output_files(folder: Path) -> dict[str, int]:

@@ -177,7 +177,6 @@ def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan
     missing = set(SCAN_OUTPUTS) - set(out)
     if missing:
         raise ValueError(f"preprocess_scan_files: no output path for {sorted(missing)}")
-    norm = {"method": "percentile", "percentiles": (1.0, 99.0), "background": 0.0, **(normalisation or {})}
     recording = (recording_input_errors(failure_records, scan or scan_key, in_t1w, step="conform",
                                         settings=conform_settings or {})
                  if failure_records is not None else nullcontext())
@@ -194,8 +193,7 @@ def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan
         level2_file(corrected, out["brain_mask"], out["level1_xfm"], out["xfm"], out["xfm_info"],
                     mask_space="native", threads=threads)
     preprocess_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"], out["preproc"],
-                    out["preproc_mask"], grid=grid, order=order, method=norm["method"],
-                    percentiles=norm["percentiles"], background=norm["background"])
+                    out["preproc_mask"], grid=grid, order=order, **(normalisation or {}))
     return qc_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"],
                    {"level1": out["level1_info"], "level2": out["xfm_info"]}, out["qc_png"], out["qc_metrics"],
                    scan=scan_key, thresholds=qc_thresholds, skullstrip_info=out["brain_mask_info"])

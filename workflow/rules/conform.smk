@@ -34,11 +34,7 @@ if not ONE_JOB_PER_SCAN:
         benchmark:
             f"{BENCHMARKS}/conform/{{scan}}.tsv",
         params:
-            orientation=config["conform"]["orientation"],
-            volume_index=config["conform"]["volume_index"],
-            min_voxel_mm=config["conform"]["min_voxel_mm"],
-            max_voxel_mm=config["conform"]["max_voxel_mm"],
-            max_anisotropy=config["conform"]["max_anisotropy"],
+            **{key: config["conform"][key] for key in CONFORM_CHECKS},
             source_uri=scan_source_uri,
         threads: 1
         resources:
