@@ -7,7 +7,8 @@ Planning: builds a synthetic BIDS tree of ``--subjects`` subjects with empty T1w
 bench_bids_index.py: every 10th subject has two sessions, plus a derivatives/ tree to ignore) in a temporary
 folder and times ``snakemake --dry-run --quiet rules`` of ``rule all`` on it: one Snakemake start, BIDS indexing,
 the whole DAG (7 per-scan rules per scan, or 1 with ``preprocess.one_job_per_scan``: ``--layout``; then the
-cohort, VAE and analysis jobs).
+cohort, VAE and analysis jobs), with the workstation profile or, ``--profile slurm``, the SLURM profile (which
+also forms the group jobs of 10 scans).
 
 No-op rerun: ``--noop DIR`` is the working folder of a finished run (``.`` for ``make demo``'s results/, with
 ``--configfile`` if it was not config/config.yaml). A dry run must first report nothing to do (otherwise the
@@ -40,14 +41,15 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def snakemake(workdir: Path, configfiles: list[Path], *args: str) -> tuple[float, float, subprocess.CompletedProcess]:
+def snakemake(workdir: Path, configfiles: list[Path], *args: str, profile: str = "default"
+              ) -> tuple[float, float, subprocess.CompletedProcess]:
     """Run Snakemake once; return its wall time, its CPU time (user + system) and the completed process.
 
     Planning is single-threaded, so on a busy machine the CPU time is close to the wall time an idle core
     would give.
     """
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(workdir), "--workflow-profile", str(REPO / "workflow" / "profiles" / "default"),
+               str(workdir), "--workflow-profile", str(REPO / "workflow" / "profiles" / profile),
                "--configfile", *map(str, configfiles), *args]
     cpu, start = children_cpu_seconds(), time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -74,7 +76,7 @@ def planned_job_count(output: str) -> int:
 LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per_scan"}
 
 
-def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str]) -> None:
+def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], profile: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bids"
         start = time.perf_counter()
@@ -91,12 +93,13 @@ def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str]) ->
             configfile.write_text(yaml.safe_dump(config))
             walls, cpus = [], []
             for _ in range(repeats):
-                elapsed, cpu, result = snakemake(Path(tmp), [configfile], "--dry-run", "--quiet", "rules",
-                                                 "--cores", str(cores))
+                cores_arg = ["--cores", str(cores)] if profile == "default" else []  # slurm: the profile's jobs
+                elapsed, cpu, result = snakemake(Path(tmp), [configfile], "--dry-run", "--quiet", "rules", *cores_arg,
+                                                 profile=profile)
                 walls.append(elapsed)
                 cpus.append(cpu)
             jobs = planned_job_count(result.stdout + result.stderr)
-            print(f"snakemake --dry-run, {LAYOUTS[layout]}, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
+            print(f"snakemake --dry-run, {profile} profile, {LAYOUTS[layout]}, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
                   f"{summary(walls, cpus)} (goal <= 30 s)")
 
 
@@ -136,6 +139,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=5000, help="synthetic subjects to plan (0: skip)")
     parser.add_argument("--layout", nargs="+", choices=sorted(LAYOUTS), default=["step", "scan"],
                         help="preprocessing job layouts to plan: step (seven jobs per scan), scan (one job per scan)")
+    parser.add_argument("--profile", choices=["default", "slurm"], default="default",
+                        help="workflow profile to plan with: default (workstation) or slurm (grouped jobs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--noop", type=Path, metavar="DIR", help="working folder of a finished run to rerun")
@@ -144,7 +149,7 @@ def main() -> None:
     parser.add_argument("--until", nargs="+", metavar="RULE", help="the run stopped after these rules")
     args = parser.parse_args()
     if args.subjects:
-        bench_plan(args.subjects, args.repeats, args.cores, args.layout)
+        bench_plan(args.subjects, args.repeats, args.cores, args.layout, args.profile)
     if args.noop:
         bench_noop(args.noop.resolve(), args.configfile, args.repeats, args.cores, args.until)
 

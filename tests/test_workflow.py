@@ -1,12 +1,15 @@
 """Planning the Snakemake workflow (dry runs) and the helpers the workflow tests share; the real runs are in
 test_workflow_pipeline.py (the tiny demo end to end, reruns) and test_bad_inputs.py (per-scan failures)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from brainvae.workflow import LARGE_COHORT_SCANS, job_layout_hint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,3 +91,46 @@ def test_one_job_per_scan_plans_one_preprocessing_job_per_scan(tmp_path):
     assert not PER_STEP_RULES & set(per_scan) and "preprocess_scan" not in per_step
     assert {rule: n for rule, n in per_step.items() if rule not in PER_STEP_RULES} == {
         rule: n for rule, n in per_scan.items() if rule != "preprocess_scan"}
+
+
+# Loads the workflow through Snakemake's API (in a process of its own: the API changes global state) and prints
+# each rule's named inputs that are static lists, with their lengths.
+STATIC_NAMED_INPUTS = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.iocontainers import Namedlist
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings, StorageSettings
+
+with SnakemakeApi(OutputSettings()) as api:
+    workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1), storage_settings=StorageSettings(),
+                                config_settings=ConfigSettings(configfiles=[Path(sys.argv[2])]),
+                                snakefile=Path(sys.argv[1]), workdir=Path(sys.argv[3]))
+    workflow_api.dag(DAGSettings())
+    print(json.dumps([[rule.name, name, len(item)] for rule in workflow_api._workflow.rules
+                      for name, item in rule.input._allitems() if isinstance(item, Namedlist)]))
+"""
+
+
+def test_no_rule_names_a_static_input_list_that_grows_with_the_cohort(tmp_path):
+    """Cohort-level rules take their per-scan files through input functions (each_scan_file).
+
+    When a rule's input also names another rule's output, Snakemake hashes a named static list once per file in
+    it: planning grows with the square of the cohort (24 s of a 5,000-subject plan for one rule).
+    """
+    config = demo_config(tmp_path, subjects=12)
+    result = subprocess.run([sys.executable, "-c", STATIC_NAMED_INPUTS, str(REPO / "Snakefile"), str(config),
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    static_lists = json.loads(result.stdout.strip().splitlines()[-1])
+    n_scans = len(pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t"))
+    assert n_scans >= 12
+    assert [entry for entry in static_lists if entry[2] >= n_scans] == []
+
+
+def test_large_cohorts_planned_per_step_get_a_hint_to_plan_one_job_per_scan():
+    assert job_layout_hint(LARGE_COHORT_SCANS - 1, one_job_per_scan=False) is None
+    assert job_layout_hint(5500, one_job_per_scan=True) is None
+    hint = job_layout_hint(5500, one_job_per_scan=False)
+    assert "5500 scans" in hint and "38500 jobs" in hint and "about 110 s" in hint
+    assert "preprocess.one_job_per_scan: true" in hint

@@ -87,8 +87,8 @@ rule analysis_scans:
     input:
         index=rules.cohort_array.output.index,
         splits=rules.cohort_splits.output[0],
-        qc=expand(SCAN_FILES["qc_metrics"], scan=COHORT_SCANS),
-        xfm=expand(SCAN_FILES["xfm_info"], scan=COHORT_SCANS),
+        qc=each_scan_file("qc_metrics", COHORT_SCANS),
+        xfm=each_scan_file("xfm_info", COHORT_SCANS),
     output:
         f"{ANALYSIS_DIR}/scans.tsv",
     log:

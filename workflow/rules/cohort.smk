@@ -53,8 +53,8 @@ rule cohort_splits:
 rule cohort_array:
     input:
         samples=SAMPLES_TSV,
-        images=expand(SCAN_FILES["preproc"], scan=COHORT_SCANS),
-        masks=expand(SCAN_FILES["preproc_mask"], scan=COHORT_SCANS),
+        images=each_scan_file("preproc", COHORT_SCANS),
+        masks=each_scan_file("preproc_mask", COHORT_SCANS),
     output:
         array=f"{COHORT}/cohort.npy",
         mask=f"{COHORT}/cohort_mask.npy",

@@ -42,7 +42,7 @@ if not ONE_JOB_PER_SCAN:
 
 rule qc_table:
     input:
-        metrics=expand(SCAN_FILES["qc_metrics"], scan=SAMPLES.index),
+        metrics=each_scan_file("qc_metrics", SAMPLES.index),
         # Scans left out because their input file failed validation: rows with their reason.
         failed_inputs=FAILED_INPUTS_TSV,
     output:
