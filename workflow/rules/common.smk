@@ -52,6 +52,14 @@ SCAN_FILES = {
     "qc_png": f"{DERIV}/{{scan}}_desc-qc_T1w.png",
     "qc_metrics": f"{DERIV}/{{scan}}_desc-qc_metrics.json",
 }
+# The QC picture's entry in the report, for qc_scan and preprocess_scan. Snakemake reads the caption's path
+# relative to the file that calls report(), and both files are in workflow/rules/.
+QC_PICTURE_REPORT = {
+    "caption": "../report/qc_scan.rst",
+    "category": "Quality control",
+    "subcategory": "Per scan",
+    "labels": {"scan": "{scan}"},
+}
 # Scans whose input file failed validation in an earlier run (brainvae.failures): left out of SAMPLES
 # until the file or the conform settings change; listed here and in qc/qc.tsv.
 FAILED_INPUTS_TSV = f"{OUT}/failed_inputs.tsv"

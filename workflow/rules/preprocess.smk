@@ -152,13 +152,7 @@ if ONE_JOB_PER_SCAN:
             t1w=scan_input,
         output:
             **{name: path for name, path in SCAN_FILES.items() if name != "qc_png"},
-            qc_png=report(
-                SCAN_FILES["qc_png"],
-                caption="../report/qc_scan.rst",
-                category="Quality control",
-                subcategory="Per scan",
-                labels={"scan": "{scan}"},
-            ),
+            qc_png=report(SCAN_FILES["qc_png"], **QC_PICTURE_REPORT),
         log:
             f"{LOGS}/preprocess_scan/{{scan}}.log",
         benchmark:

@@ -13,13 +13,7 @@ if not ONE_JOB_PER_SCAN:
             level2=rules.register_level2.output.info,
             strip_info=rules.skullstrip.output.info,
         output:
-            png=report(
-                SCAN_FILES["qc_png"],
-                caption="../report/qc_scan.rst",
-                category="Quality control",
-                subcategory="Per scan",
-                labels={"scan": "{scan}"},
-            ),
+            png=report(SCAN_FILES["qc_png"], **QC_PICTURE_REPORT),
             metrics=SCAN_FILES["qc_metrics"],
         log:
             f"{LOGS}/qc_scan/{{scan}}.log",
