@@ -99,8 +99,8 @@ def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], pr
                 walls.append(elapsed)
                 cpus.append(cpu)
             jobs = planned_job_count(result.stdout + result.stderr)
-            print(f"snakemake --dry-run, {profile} profile, {LAYOUTS[layout]}, {n_subjects} subjects / {n_scans} scans / {jobs} jobs: "
-                  f"{summary(walls, cpus)} (goal <= 30 s)")
+            print(f"snakemake --dry-run, {profile} profile, {LAYOUTS[layout]}, {n_subjects} subjects / "
+                  f"{n_scans} scans / {jobs} jobs: {summary(walls, cpus)} (goal <= 30 s)")
 
 
 def output_files(folder: Path) -> dict[str, int]:

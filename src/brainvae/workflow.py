@@ -120,7 +120,7 @@ def build_samples(config: dict[str, Any]) -> pd.DataFrame:
 
 
 # From this many scans on, one job per preprocessing step makes planning slow (about 20 ms a scan on 2 cores:
-# 107 s for 5,500 scans, against 27 s with one job per scan; README, "Scale").
+# 105-110 s for 5,500 scans, against 27-28 s with one job per scan; README, "Scale").
 LARGE_COHORT_SCANS = 1000
 # conform, n4, register_level1, skullstrip, register_level2, resample, qc_scan
 PER_STEP_JOBS_PER_SCAN = 7
@@ -130,7 +130,8 @@ def job_layout_hint(n_scans: int, one_job_per_scan: bool) -> str | None:
     """A note for the start of a run on a large cohort planned with one job per preprocessing step, else None."""
     if one_job_per_scan or n_scans < LARGE_COHORT_SCANS:
         return None
-    return (f"brainvae: {n_scans} scans with one job per preprocessing step ({PER_STEP_JOBS_PER_SCAN * n_scans} jobs); planning takes "
+    jobs = PER_STEP_JOBS_PER_SCAN * n_scans
+    return (f"brainvae: {n_scans} scans with one job per preprocessing step ({jobs} jobs); planning takes "
             f"about {round(n_scans * 0.02)} s on every start. For cohorts of thousands set "
             "preprocess.one_job_per_scan: true (the same files, one job per scan; README, \"Scale\").")
 
