@@ -77,6 +77,7 @@ LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per
 
 
 def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], profile: str) -> None:
+    cores_arg = ["--cores", str(cores)] if profile == "default" else []  # slurm: the profile's jobs
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bids"
         start = time.perf_counter()
@@ -93,7 +94,6 @@ def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], pr
             configfile.write_text(yaml.safe_dump(config))
             walls, cpus = [], []
             for _ in range(repeats):
-                cores_arg = ["--cores", str(cores)] if profile == "default" else []  # slurm: the profile's jobs
                 elapsed, cpu, result = snakemake(Path(tmp), [configfile], "--dry-run", "--quiet", "rules", *cores_arg,
                                                  profile=profile)
                 walls.append(elapsed)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from brainvae.workflow import LARGE_COHORT_SCANS, job_layout_hint
+from brainvae.workflow import LARGE_COHORT_SCANS, PER_STEP_JOBS_PER_SCAN, job_layout_hint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +131,7 @@ def test_no_rule_names_a_static_input_list_that_grows_with_the_cohort(tmp_path):
 def test_large_cohorts_planned_per_step_get_a_hint_to_plan_one_job_per_scan():
     assert job_layout_hint(LARGE_COHORT_SCANS - 1, one_job_per_scan=False) is None
     assert job_layout_hint(5500, one_job_per_scan=True) is None
+    assert PER_STEP_JOBS_PER_SCAN == len(PER_STEP_RULES)  # the rules a per-step plan has per scan (test above)
     hint = job_layout_hint(5500, one_job_per_scan=False)
     assert "5500 scans" in hint and "38500 jobs" in hint and "about 110 s" in hint
     assert "preprocess.one_job_per_scan: true" in hint

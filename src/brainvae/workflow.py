@@ -119,9 +119,11 @@ def build_samples(config: dict[str, Any]) -> pd.DataFrame:
     return samples.sort_values(["dataset", "scan"]).reset_index(drop=True)
 
 
-# From this many scans on, one job per preprocessing step makes planning slow (about 20 ms a scan on 2 cores:
-# 105-110 s for 5,500 scans, against 27-28 s with one job per scan; README, "Scale").
+# From this many scans on, one job per preprocessing step makes planning slow (README, "Scale").
 LARGE_COHORT_SCANS = 1000
+# Planning time per scan with one job per step, measured on 2 cores: 105-110 s for 5,500 scans (27-28 s with
+# one job per scan).
+PER_STEP_PLAN_SECONDS_PER_SCAN = 0.02
 # conform, n4, register_level1, skullstrip, register_level2, resample, qc_scan
 PER_STEP_JOBS_PER_SCAN = 7
 
@@ -132,7 +134,7 @@ def job_layout_hint(n_scans: int, one_job_per_scan: bool) -> str | None:
         return None
     jobs = PER_STEP_JOBS_PER_SCAN * n_scans
     return (f"brainvae: {n_scans} scans with one job per preprocessing step ({jobs} jobs); planning takes "
-            f"about {round(n_scans * 0.02)} s on every start. For cohorts of thousands set "
+            f"about {round(n_scans * PER_STEP_PLAN_SECONDS_PER_SCAN)} s on every start. For cohorts of thousands set "
             "preprocess.one_job_per_scan: true (the same files, one job per scan; README, \"Scale\").")
 
 
