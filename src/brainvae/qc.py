@@ -264,6 +264,10 @@ def qc_flags(metrics: Mapping[str, Any], thresholds: Mapping[str, float] | None 
         ("extreme_anisotropy", "anisotropy", lambda v: v > th["max_anisotropy"]),
         ("thick_voxels", "voxel_max_mm", lambda v: v > th["max_voxel_size_mm"]),
     ]
+    if metrics.get("template_space"):
+        # A scan delivered in template space has a template-space brain volume (its native size was removed by
+        # the registration it came with): the adult native range does not apply.
+        checks = [check for check in checks if check[0] != "brain_volume_out_of_range"]
     for flag, key, failed in checks:
         v = value(key)
         if v is not None and failed(v):

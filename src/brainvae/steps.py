@@ -85,12 +85,14 @@ def preprocess_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mas
 def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike, in_transform: PathLike,
             level_jsons: Mapping[str, PathLike], out_png: PathLike, out_json: PathLike, *, scan: str,
             thresholds: Mapping[str, float] | None = None, grid: str = "2mm",
-            skullstrip_info: PathLike | None = None) -> dict[str, Any]:
+            skullstrip_info: PathLike | None = None, template_space: str | None = None) -> dict[str, Any]:
     """QC of one scan: metrics, automatic flags and a three-plane picture on a 2 mm MNI grid.
 
     The picture and metrics use their own resampling of the corrected head (display only; the
     training volume comes from :func:`preprocess_file`). ``skullstrip_info`` (the skull-strip step's
     JSON) carries its verdict on whether the input was already skull stripped into the metrics.
+    ``template_space``: the scan came already in this template space (:func:`template_scan_files`); its
+    brain volume is then a template-space volume, recorded but not judged against the native range.
     """
     from .preprocess import preprocess_image
     from .qc import qc_figure, qc_flags, qc_metrics
@@ -107,6 +109,8 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
         metrics[f"{level}_correlation"] = read_json(path).get("template_correlation")
     if skullstrip_info is not None:
         metrics["input_skull_stripped"] = bool(read_json(skullstrip_info).get("InputAlreadySkullStripped"))
+    if template_space is not None:
+        metrics["template_space"] = template_space
     metrics["flags"] = qc_flags(metrics, thresholds)
     title = f"{scan}   r={metrics['template_correlation']:.2f}   brain {metrics['brain_volume_ml']:.0f} mL" + (
         f"   FLAGS: {', '.join(metrics['flags'])}" if metrics["flags"] else "")
@@ -197,3 +201,74 @@ def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan
     return qc_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"],
                    {"level1": out["level1_info"], "level2": out["xfm_info"]}, out["qc_png"], out["qc_metrics"],
                    scan=scan_key, thresholds=qc_thresholds, skullstrip_info=out["brain_mask_info"])
+
+
+#: Value of a dataset's ``space`` for scans that need the whole chain (N4, both affines, skull stripping).
+NATIVE_SPACE = "native"
+#: Template spaces a dataset may declare it is already in (skull-stripped, affinely aligned): the chain then
+#: validates, masks, resamples once onto the training grid and normalises, and records identity transforms.
+TEMPLATE_SPACES = ("MNI152NLin2009aSym",)
+
+
+def template_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
+                        conform: Mapping[str, Any], space: str = TEMPLATE_SPACES[0], grid: str = "demo",
+                        order: int = 3, normalisation: Mapping[str, Any] | None = None,
+                        qc_thresholds: Mapping[str, float] | None = None,
+                        failure_records: PathLike | None = None, scan: str | None = None,
+                        conform_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The chain of a scan that is already skull-stripped and in ``space`` (e.g. a dataset released
+    after affine registration to MNI152NLin2009aSym): the same files as :func:`preprocess_scan_files`.
+
+    Conform validates the file as for every scan. There is no bias field to remove (a flat one is
+    written) and no registration: both transforms are the identity, because the image's world
+    coordinates already are template millimetres. The brain mask is the image's non-zero support (its
+    largest component, holes filled): the input was skull-stripped with a zero background. Resampling,
+    normalisation and QC are the native chain's own functions, so both kinds of scan reach the cohort
+    array the same way. An image whose field of view misses the template brain is caught by QC
+    (``fov_coverage``, ``template_correlation``).
+    """
+    from contextlib import nullcontext
+
+    from scipy import ndimage
+
+    from .bias import largest_component
+    from .conform import conform_scan
+    from .failures import recording_input_errors
+    from .registration import template_correlation, write_transform
+    from .templates import mni152_brain
+
+    if space not in TEMPLATE_SPACES:
+        raise ValueError(f"template_scan_files: space {space!r} is not one of {TEMPLATE_SPACES}")
+    missing = set(SCAN_OUTPUTS) - set(out)
+    if missing:
+        raise ValueError(f"template_scan_files: no output path for {sorted(missing)}")
+    recording = (recording_input_errors(failure_records, scan or scan_key, in_t1w, step="conform",
+                                        settings=conform_settings or {})
+                 if failure_records is not None else nullcontext())
+    with recording:
+        conform_scan(in_t1w, out["conformed"], out["conform_sidecar"], **conform)
+        image = _load(out["conformed"])
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        support = np.isfinite(data) & (data > 0)
+        if not support.any():
+            raise InputError(in_t1w, f"declared to be in {space} (skull-stripped), but it has no voxel above 0")
+    brain = ndimage.binary_fill_holes(largest_component(support))
+    identity = np.eye(4)
+    atomic_write_nifti(nib.Nifti1Image(np.ones(data.shape, np.float32), image.affine), out["biasfield"])
+    atomic_write_nifti(nib.Nifti1Image(support.astype(np.uint8), image.affine), out["headmask"])
+    atomic_write_nifti(nib.Nifti1Image(brain.astype(np.uint8), image.affine), out["brain_mask"])
+    correlation = template_correlation(image, identity, mni152_brain())
+    method = f"none: the dataset is declared to be in {space}"
+    for xfm, info in (("level1_xfm", "level1_info"), ("xfm", "xfm_info")):
+        write_transform(identity, out[xfm])
+        atomic_write_json({"affine_native_to_mni_ras": identity.tolist(), "template_correlation": correlation,
+                           "Method": method}, out[info])
+    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+    atomic_write_json({"Method": "non-zero support of an already skull-stripped image", "InputAlreadySkullStripped": True,
+                       "BrainVolumeMl": float(brain.sum()) * voxel_ml, "Sources": [os.fspath(out["conformed"])]},
+                      out["brain_mask_info"])
+    preprocess_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"], out["preproc"],
+                    out["preproc_mask"], grid=grid, order=order, **(normalisation or {}))
+    return qc_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"],
+                   {"level1": out["level1_info"], "level2": out["xfm_info"]}, out["qc_png"], out["qc_metrics"],
+                   scan=scan_key, thresholds=qc_thresholds, template_space=space)

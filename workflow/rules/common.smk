@@ -1,6 +1,7 @@
 # Configuration, the samples table and helpers shared by every rule file.
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ if BRAINVAE_SRC not in PYTHONPATH:
 from brainvae.config import validate_config
 from brainvae.failures import read_failed_inputs, records_dir, split_failed_inputs, write_failed_inputs
 from brainvae.inputs import read_samples, write_samples
+from brainvae.steps import NATIVE_SPACE
 from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -83,14 +85,22 @@ else:
     FAILED_INPUTS = read_failed_inputs(FAILED_INPUTS_TSV)
 SAMPLES = SAMPLES.set_index("scan", drop=False)
 
-
-wildcard_constraints:
-    scan=SCAN_WILDCARD,
-
-
-# Row of each scan as a dict: a lookup per job (input functions, params) costs ~1 us, SAMPLES.loc ~100 us,
+# The row of each scan as a dict: a lookup per job (input functions, params) costs ~1 us, SAMPLES.loc ~100 us,
 # which adds up when planning thousands of scans.
 SAMPLE_ROWS = SAMPLES.to_dict("index")
+# Datasets declared to be in a template space already (skull-stripped, affinely aligned): their scans skip N4,
+# registration and skull stripping (rule preprocess_template_scan). Every other scan takes the native chain.
+TEMPLATE_SPACE_OF = {d["name"]: d["space"] for d in config["datasets"] if d["space"] != NATIVE_SPACE}
+TEMPLATE_SCANS = [scan for scan, row in SAMPLE_ROWS.items() if row["dataset"] in TEMPLATE_SPACE_OF]
+# Which chain produces a scan's files is decided by the scan wildcard: the template rule matches the template
+# scans only, and every other rule (global constraint) anything but them. Every per-scan file is
+# "<scan>_<suffix>", so a lookahead on "<scan>_" tells them apart.
+TEMPLATE_SCAN_WILDCARD = "(?:" + "|".join(re.escape(scan) for scan in TEMPLATE_SCANS) + ")" if TEMPLATE_SCANS else None
+NATIVE_SCAN_WILDCARD = f"(?!{TEMPLATE_SCAN_WILDCARD}_)(?:{SCAN_WILDCARD})" if TEMPLATE_SCANS else SCAN_WILDCARD
+
+
+wildcard_constraints:
+    scan=NATIVE_SCAN_WILDCARD,
 
 
 def scan_input(wildcards):

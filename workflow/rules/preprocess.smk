@@ -179,3 +179,42 @@ if ONE_JOB_PER_SCAN:
             "../../envs/preprocess.yaml"
         script:
             "../scripts/preprocess_scan.py"
+
+
+if TEMPLATE_SCANS:
+
+    # Scans of datasets declared to be in a template space (datasets[].space): validated, masked by their
+    # non-zero support, resampled once onto the grid and normalised; identity transforms (brainvae.steps).
+    rule preprocess_template_scan:
+        input:
+            t1w=scan_input,
+        output:
+            **{name: path for name, path in SCAN_FILES.items() if name != "qc_png"},
+            qc_png=report(SCAN_FILES["qc_png"], **QC_PICTURE_REPORT),
+        wildcard_constraints:
+            scan=TEMPLATE_SCAN_WILDCARD,
+        log:
+            f"{LOGS}/preprocess_template_scan/{{scan}}.log",
+        benchmark:
+            f"{BENCHMARKS}/preprocess_template_scan/{{scan}}.tsv",
+        params:
+            conform=lambda wildcards: {
+                **{key: config["conform"][key] for key in CONFORM_CHECKS},
+                "source_uri": scan_source_uri(wildcards),
+            },
+            space=lambda wildcards: TEMPLATE_SPACE_OF[SAMPLE_ROWS[wildcards.scan]["dataset"]],
+            grid=GRID,
+            order=config["preprocess"]["interpolation_order"],
+            normalisation=config["preprocess"]["normalisation"],
+            qc_thresholds=config["qc"]["thresholds"],
+            scan_key=scan_key,
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        group:
+            "preprocess"
+        conda:
+            "../../envs/preprocess.yaml"
+        script:
+            "../scripts/preprocess_template_scan.py"
