@@ -73,7 +73,7 @@ def planned_job_count(output: str) -> int:
     raise SystemExit(f"no job-stats table in the dry run's output:\n{output[-2000:]}")
 
 
-LAYOUTS = {"step": "one job per step (default)", "scan": "preprocess.one_job_per_scan"}
+LAYOUTS = {"step": "one job per step (preprocess.one_job_per_scan: false)", "scan": "preprocess.one_job_per_scan: true"}
 
 
 def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], profile: str) -> None:

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
-from brainvae.workflow import LARGE_COHORT_SCANS, PER_STEP_JOBS_PER_SCAN, job_layout_hint
+from brainvae.errors import ConfigError
+from brainvae.workflow import LARGE_COHORT_SCANS, PER_STEP_JOBS_PER_SCAN, job_layout_hint, resolve_one_job_per_scan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,4 +136,17 @@ def test_large_cohorts_planned_per_step_get_a_hint_to_plan_one_job_per_scan():
     assert PER_STEP_JOBS_PER_SCAN == len(PER_STEP_RULES)  # the rules a per-step plan has per scan (test above)
     hint = job_layout_hint(5500, one_job_per_scan=False)
     assert "5500 scans" in hint and "38500 jobs" in hint and "about 110 s" in hint
-    assert "preprocess.one_job_per_scan: true" in hint
+    assert "preprocess.one_job_per_scan: true or auto" in hint
+    # auto (the default) chose one job per scan itself: the note says so, and says nothing below the threshold.
+    assert job_layout_hint(LARGE_COHORT_SCANS - 1, one_job_per_scan="auto") is None
+    auto = job_layout_hint(5500, one_job_per_scan="auto")
+    assert "5500 scans: preprocessing runs as one job per scan" in auto and f"from {LARGE_COHORT_SCANS} scans" in auto
+
+
+def test_auto_job_layout_is_one_job_per_scan_from_the_large_cohort_size_on():
+    assert resolve_one_job_per_scan("auto", LARGE_COHORT_SCANS - 1) is False
+    assert resolve_one_job_per_scan("auto", LARGE_COHORT_SCANS) is True
+    assert resolve_one_job_per_scan(False, 10 * LARGE_COHORT_SCANS) is False  # an explicit choice is kept
+    assert resolve_one_job_per_scan(True, 1) is True
+    with pytest.raises(ConfigError, match="one_job_per_scan"):
+        resolve_one_job_per_scan("yes", 10)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from . import naming
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 #: Snakemake wildcard constraint for ``{scan}``: ``sub-X[/ses-Y]/anat/<scan key>``.
 # Only the entities of a scan key (naming.SCAN_ENTITIES, in order): derivative entities such as
@@ -128,14 +128,29 @@ PER_STEP_PLAN_SECONDS_PER_SCAN = 0.02
 PER_STEP_JOBS_PER_SCAN = 7
 
 
-def job_layout_hint(n_scans: int, one_job_per_scan: bool) -> str | None:
-    """A note for the start of a run on a large cohort planned with one job per preprocessing step, else None."""
-    if one_job_per_scan or n_scans < LARGE_COHORT_SCANS:
+def resolve_one_job_per_scan(setting: bool | str, n_scans: int) -> bool:
+    """``preprocess.one_job_per_scan`` for a cohort of ``n_scans``: ``"auto"`` plans one job per scan from
+    :data:`LARGE_COHORT_SCANS` scans on (planning one job per step grows to minutes there), one job per step
+    below (a changed setting of one step then reruns that step only)."""
+    if setting == "auto":
+        return n_scans >= LARGE_COHORT_SCANS
+    if not isinstance(setting, bool):
+        raise ConfigError(f"config key preprocess.one_job_per_scan: must be true, false or auto (got {setting!r})")
+    return setting
+
+
+def job_layout_hint(n_scans: int, one_job_per_scan: bool | str) -> str | None:
+    """A note for the start of a run on a large cohort: which job layout ``auto`` chose, or that one job per
+    preprocessing step (set explicitly) makes planning slow; None for smaller cohorts."""
+    if n_scans < LARGE_COHORT_SCANS or one_job_per_scan is True:
         return None
+    if one_job_per_scan == "auto":
+        return (f"brainvae: {n_scans} scans: preprocessing runs as one job per scan (preprocess.one_job_per_scan: "
+                f"auto chooses it from {LARGE_COHORT_SCANS} scans on, so planning stays fast; README, \"Scale\").")
     jobs = PER_STEP_JOBS_PER_SCAN * n_scans
     return (f"brainvae: {n_scans} scans with one job per preprocessing step ({jobs} jobs); planning takes "
             f"about {round(n_scans * PER_STEP_PLAN_SECONDS_PER_SCAN)} s on every start. For cohorts of thousands set "
-            "preprocess.one_job_per_scan: true (the same files, one job per scan; README, \"Scale\").")
+            "preprocess.one_job_per_scan: true or auto (the same files, one job per scan; README, \"Scale\").")
 
 
 def bids_uri(sample: pd.Series | dict[str, Any], config: dict[str, Any]) -> str:

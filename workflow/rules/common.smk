@@ -18,7 +18,7 @@ from brainvae.config import validate_config
 from brainvae.failures import read_failed_inputs, records_dir, split_failed_inputs, write_failed_inputs
 from brainvae.inputs import read_samples, write_samples
 from brainvae.steps import NATIVE_SPACE
-from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint
+from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint, resolve_one_job_per_scan
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -33,10 +33,6 @@ SAMPLES_TSV = f"{OUT}/samples.tsv"
 MNI = "MNI152NLin2009aSym"
 GRID = config["preprocess"]["grid"]
 PREP_THREADS = config["preprocess"]["threads"]
-# One Snakemake job per scan (preprocess_scan in preprocess.smk) instead of one per step. A DAG 7x smaller for
-# cohorts of thousands (README, "Scale"), at the price of rerunning a scan's whole chain when any step's setting
-# changes.
-ONE_JOB_PER_SCAN = config["preprocess"]["one_job_per_scan"]
 # The kept files of one scan (BIDS-Derivatives names), written by the per-step rules or by preprocess_scan.
 SCAN_FILES = {
     "conformed": f"{DERIV}/{{scan}}_desc-conform_T1w.nii.gz",
@@ -74,7 +70,7 @@ if workflow.is_main_process or not Path(SAMPLES_TSV).is_file():
     SAMPLES, FAILED_INPUTS = split_failed_inputs(build_samples(config), FAILED_INPUT_RECORDS, config["conform"])
     write_samples(SAMPLES, SAMPLES_TSV)
     write_failed_inputs(FAILED_INPUTS, FAILED_INPUTS_TSV)
-    if workflow.is_main_process and (hint := job_layout_hint(len(SAMPLES), ONE_JOB_PER_SCAN)):
+    if workflow.is_main_process and (hint := job_layout_hint(len(SAMPLES), config["preprocess"]["one_job_per_scan"])):
         print(hint, file=sys.stderr)
     if len(FAILED_INPUTS):
         print(f"brainvae: {len(FAILED_INPUTS)} scan(s) left out because their input file failed validation in an "
@@ -84,6 +80,11 @@ else:
     SAMPLES = read_samples(SAMPLES_TSV)
     FAILED_INPUTS = read_failed_inputs(FAILED_INPUTS_TSV)
 SAMPLES = SAMPLES.set_index("scan", drop=False)
+# One Snakemake job per scan (preprocess_scan in preprocess.smk) instead of one per step: a DAG 7x smaller for
+# cohorts of thousands (README, "Scale"), at the price of rerunning a scan's whole chain when any step's setting
+# changes. "auto" decides by the cohort's size (brainvae.workflow.resolve_one_job_per_scan); a cluster job's own
+# process reads the same samples table, so it decides the same.
+ONE_JOB_PER_SCAN = resolve_one_job_per_scan(config["preprocess"]["one_job_per_scan"], len(SAMPLES))
 
 # The row of each scan as a dict: a lookup per job (input functions, params) costs ~1 us, SAMPLES.loc ~100 us,
 # which adds up when planning thousands of scans.
