@@ -10,7 +10,7 @@ CORES ?= all
 # the modules that share the costly tiny workflow run go to one worker together); each test uses one thread.
 PYTEST_ARGS ?= -n auto --dist loadfile
 
-.PHONY: env demo test dryrun report lock bench clean
+.PHONY: env demo preprocess test dryrun report lock bench clean
 
 env: $(STAMP)
 
@@ -29,6 +29,13 @@ REPORT ?= results/report.html
 demo: env
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
 	$(BIN)/snakemake --report $(REPORT)
+
+# Preprocessing and QC only: every scan conformed, bias-corrected, registered, skull-stripped and resampled, and the
+# QC table results/qc/qc.tsv (with the demo cohort generated first when the config uses it). --omit-from leaves out
+# the cohort array and splits and everything after them (VAE training, encoding, analysis), so you can read the QC
+# table and set qc.exclude before training. With your own config: add `--configfile my.yaml` to the command below.
+preprocess: env
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) --omit-from cohort_splits cohort_array
 
 dryrun: env
 	$(BIN)/snakemake --dry-run --quiet
