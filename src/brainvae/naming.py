@@ -12,12 +12,13 @@ import re
 #: Entities that may tell two T1w images of one session apart, in BIDS filename order.
 SCAN_ENTITIES = ("sub", "ses", "acq", "ce", "rec", "run")
 
-#: A BIDS label: letters and digits only (no path characters, no '-' or '_').
-LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+#: A BIDS label: ASCII letters and digits only (no path characters, no '-' or '_'). Always apply it
+#: with ``fullmatch``: ``$`` after ``match`` also accepts a trailing newline ("01\n").
+LABEL_RE = re.compile(r"[A-Za-z0-9]+")
 
 
 def is_bids_label(value: object) -> bool:
-    return isinstance(value, str) and bool(LABEL_RE.match(value))
+    return isinstance(value, str) and LABEL_RE.fullmatch(value) is not None
 
 
 def scan_key(sub: str, ses: str | None = None, acq: str | None = None, ce: str | None = None,
@@ -56,4 +57,6 @@ def parse_scan_key(key: str) -> dict[str, str]:
         out[entity] = value
     if "sub" not in out:
         raise ValueError(f"{key!r} has no sub- entity")
+    if scan_key(**out) != key:  # a repeated entity (the last one would win) or entities out of order
+        raise ValueError(f"{key!r} is not a scan key (entities repeated or not in BIDS order)")
     return out
