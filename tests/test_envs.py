@@ -411,11 +411,14 @@ def distributions(import_name: str) -> set[str]:
 
 def test_rule_parser_finds_every_rule_of_the_workflow(tmp_path):
     """The .smk parser sees exactly the rules Snakemake sees (so no rule escapes the env checks), over both
-    preprocessing job layouts (preprocess.one_job_per_scan defines other rules)."""
+    preprocessing job layouts (preprocess.one_job_per_scan defines other rules) and with a template-space dataset
+    (datasets[].space defines preprocess_template_scan)."""
     listed = set()
     for one_job_per_scan in (False, True):
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         config["preprocess"]["one_job_per_scan"] = one_job_per_scan
+        # One dataset delivered in template space, so that the rule of its chain is defined too.
+        config["datasets"][-1]["space"] = "MNI152NLin2009aSym"
         configfile = tmp_path / f"config_{one_job_per_scan}.yaml"
         configfile.write_text(yaml.safe_dump(config))
         result = subprocess.run(

@@ -7,6 +7,11 @@ import torch
 
 from brainvae.vae.model import VAE, VAEConfig, kl_divergence, to_channels_last_3d, vae_loss
 
+NORM_LAYERS = {"group": torch.nn.GroupNorm, "batch": torch.nn.BatchNorm3d, "instance": torch.nn.InstanceNorm3d,
+               "none": None}
+ACTIVATION_LAYERS = {"silu": torch.nn.SiLU, "relu": torch.nn.ReLU, "leaky_relu": torch.nn.LeakyReLU,
+                     "gelu": torch.nn.GELU}
+
 
 @pytest.mark.parametrize(("shape", "widths"), [((40, 48, 40), (4, 8, 8)),  # demo grid, 3 levels
                                                ((16, 24, 16), (4, 8)),
@@ -33,15 +38,32 @@ def test_indivisible_grid_is_rejected() -> None:
 @pytest.mark.parametrize("norm", ["group", "batch", "instance", "none"])
 @pytest.mark.parametrize("activation", ["silu", "relu", "leaky_relu", "gelu"])
 def test_norms_and_activations(norm: str, activation: str) -> None:
+    torch.manual_seed(0)
     model = VAE(VAEConfig(in_shape=(16, 16, 16), widths=(4, 8), latent_dim=3, norm=norm,
                           activation=activation, blocks=2))
+    # The options must reach the layers: a finite loss alone also holds when they are ignored.
+    layer_types = {type(module) for module in model.modules()}
+    chosen_norm, other_norms = NORM_LAYERS[norm], set(NORM_LAYERS.values()) - {NORM_LAYERS[norm]}
+    assert chosen_norm is None or chosen_norm in layer_types
+    assert not layer_types & (other_norms - {None})
+    activations = [m for m in model.modules() if isinstance(m, tuple(ACTIVATION_LAYERS.values()))]
+    assert activations and all(type(m) is ACTIVATION_LAYERS[activation] for m in activations)
+    if activation == "leaky_relu":
+        assert all(m.negative_slope == pytest.approx(0.2) for m in activations)
+    # Convolutions carry a bias only where no norm layer follows to absorb it.
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert all((m.bias is not None) == (norm == "none") for m in convs[:-1])  # the head always has one
     x = torch.randn(2, 1, 16, 16, 16)
     recon, mu, logvar = model(x)
     loss, _, _ = vae_loss(recon, x, mu, logvar, beta=1.0)
     loss.backward()
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError):
+    head = model.decoder[-1]
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0  # gradients reach the output layer
+    with pytest.raises(ValueError, match="norm must be one of"):
         VAEConfig(norm="layer")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        VAEConfig(activation="tanh")
 
 
 def test_eval_mode_is_deterministic_and_uses_mu() -> None:

@@ -11,6 +11,7 @@ when the test stops). The bounds below leave margin for thread-count and platfor
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,14 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x > 0).float()
 
 
+def _find_roll(before: torch.Tensor, after: torch.Tensor) -> list[int] | None:
+    """The voxel roll (within +-2) that maps ``before`` onto ``after``, or None if none does."""
+    for shift in itertools.product(range(-2, 3), repeat=3):
+        if torch.equal(before.roll(shift, dims=(1, 2, 3)), after):
+            return list(shift)
+    return None
+
+
 def test_augment_flips_shifts_and_deforms_volume_and_mask_together() -> None:
     x, m = _batch()
     cfg = {"augment_flip": 1.0, "augment_shift": 0, "augment_deform": 0.0, "augment_bias": 0.0}
@@ -63,6 +72,25 @@ def test_augment_flips_shifts_and_deforms_volume_and_mask_together() -> None:
     assert set(a[1].unique().tolist()) <= {0.0, 1.0}  # masks stay binary
     inside = a[1] > 0
     assert (a[0][inside] > 0.3).float().mean() > 0.9  # the mask still covers the moved block
+    # Each transform on its own, with exact checks: the combined run above would pass even if the
+    # shift or the deformation did nothing (the bias field alone changes the volume).
+    cfg = {"augment_flip": 0.0, "augment_shift": 2, "augment_deform": 0.0, "augment_bias": 0.0}
+    sx, sm = augment(x, m, cfg, torch.Generator().manual_seed(1))
+    for i in range(len(x)):
+        shift = _find_roll(x[i], sx[i])
+        assert shift is not None and max(map(abs, shift)) <= 2  # a roll of at most 2 voxels
+        assert torch.equal(sm[i], m[i].roll(shift, dims=(1, 2, 3)))  # the mask moves by the same roll
+    assert any(not torch.equal(sx[i], x[i]) for i in range(len(x)))
+    cfg = {"augment_flip": 0.0, "augment_shift": 0, "augment_deform": 1.0, "augment_bias": 0.0}
+    dx, dm = augment(x, m, cfg, torch.Generator().manual_seed(1))
+    assert not torch.equal(dm, m)  # the deformation moves the mask...
+    assert torch.equal(dm, (dx > 0.5).float())  # ...through the same warp as the (binary) block
+    cfg = {"augment_flip": 0.0, "augment_shift": 0, "augment_deform": 0.0, "augment_bias": 0.2}
+    bx, bm = augment(x, m, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(bm, m)  # an intensity field leaves the mask alone
+    assert torch.equal(bx[x == 0], x[x == 0])  # and the zero background zero
+    gain = bx[x > 0] / x[x > 0]
+    assert gain.min() > 0 and gain.std() > 0.01  # a positive multiplicative field that varies
     none = {"augment_flip": 0.0, "augment_shift": 0, "augment_deform": 0.0, "augment_bias": 0.0}
     assert augment(x, m, none, torch.Generator())[0] is x
 
