@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -174,17 +173,19 @@ def test_qc_table_tsv_roundtrip(tmp_path: Path, good_metrics: dict[str, float]) 
 def test_qc_figure(tmp_path: Path, aligned: Aligned, good_metrics: dict[str, float]) -> None:
     pre, mni_mask = aligned.preprocessed(aligned.data, aligned.mask)
     title = f"sub-IXI014  r={good_metrics['template_correlation']:.2f}  vol={good_metrics['brain_volume_ml']:.0f} mL"
-    qc.qc_figure(pre, mni_mask, mni152_brain(1), tmp_path / "warm.png", title)  # warm caches
-    start = time.perf_counter()
+    # Its speed is measured by benchmarks/bench_qc.py (a wall-clock bound here fails on a busy machine).
+    first = qc.qc_figure(pre, mni_mask, mni152_brain(1), tmp_path / "first.png", title)
     out = qc.qc_figure(pre, mni_mask, mni152_brain(1), tmp_path / "qc.png", title)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0  # ~0.15 s on an idle core; generous for shared machines
     rgb = mpimg.imread(out)[..., :3]
+    np.testing.assert_array_equal(mpimg.imread(first)[..., :3], rgb)  # cached template: same picture
     assert rgb.shape[:2] == (320, 900)
     assert rgb.std() > 0.05  # not blank
     red = (rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
     cyan = (rgb[..., 0] < 0.3) & (rgb[..., 1] > 0.8) & (rgb[..., 2] > 0.8)
     assert red.sum() > 200 and cyan.sum() > 200  # mask contour and template edges drawn
+    for panel in range(3):  # sagittal, coronal, axial side by side: each shows contour and edges
+        columns = slice(panel * 300, (panel + 1) * 300)
+        assert red[:, columns].sum() > 50 and cyan[:, columns].sum() > 50, panel
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporaries
 
 

@@ -29,6 +29,8 @@ from brainvae.io import atomic_path
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "METRIC_COLUMNS",
+    "MIN_OUTLIER_SPREAD",
+    "OUTLIER_SIDE",
     "outlier_flags",
     "qc_figure",
     "qc_flags",
@@ -58,8 +60,13 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "max_mask_excess": 0.05,
     # (WM - CSF) / robust intensity range: clearly positive in T1w, negative in T2w/FLAIR-like.
     "min_wm_csf_contrast": 0.15,
-    # Largest / smallest native voxel size.
-    "max_anisotropy": 3.0,
+    # Largest / smallest native voxel size. Why 4: clinical 3D T1w protocols reach 1x1x3.3 mm (3.3) and
+    # 0.9x0.9x3.5 mm (3.9), and every slice thicker than max_voxel_size_mm is flagged thick_voxels anyway, so
+    # this check only has to catch voxel sizes no scanner writes: a broken header (1x1x20 mm, or a
+    # cm-for-mm unit slip giving a factor of 10). The old 3.0 flagged the 3.3:1 clinical scans and left them
+    # out of training. 2D protocols with a fine in-plane grid (0.45x0.45x3 mm, 6.7) stay flagged: their
+    # through-plane resolution is too coarse for the training grid; raise it in qc.thresholds to admit them.
+    "max_anisotropy": 4.0,
     # Largest native voxel size in mm.
     "max_voxel_size_mm": 3.5,
 }
@@ -75,6 +82,27 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "wm_csf_contrast",
     "wm_gm_contrast",
 )
+
+#: Smallest robust spread (MAD, in the metric's own units) that :func:`outlier_flags` uses. Why: on a
+#: small or very uniform cohort the MAD can be near zero (12 scans from one scanner have mask_excess
+#: 0.001-0.003), and then any deviation, however harmless, has a huge robust z. With the floor a scan must
+#: differ from the median by at least 3.5 / 0.6745 = 5.2 floors to be an outlier: 0.10 in template
+#: correlation, 0.05 in Dice, coverage or mask excess, 130 mL of brain volume, 0.10 in contrast, all
+#: differences a reviewer would also see. A column without a floor here keeps the plain MAD (0 flags nothing).
+MIN_OUTLIER_SPREAD: dict[str, float] = {
+    "template_correlation": 0.02,
+    "brain_volume_ml": 25.0,
+    "mask_dice": 0.01,
+    "fov_coverage": 0.01,
+    "mask_excess": 0.01,
+    "wm_csf_contrast": 0.02,
+    "wm_gm_contrast": 0.02,
+}
+
+#: Metrics for which only one side of the cohort is suspicious: less mask outside the template brain, or
+#: more of the template brain in the field of view, is never a failure (a scan better than its cohort must
+#: not be flagged). +1: only high values are outliers; -1: only low values. Unlisted metrics: both sides.
+OUTLIER_SIDE: dict[str, int] = {"mask_excess": +1, "fov_coverage": -1}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -284,15 +312,20 @@ def outlier_flags(
     columns: Iterable[str] | None = None,
     z_threshold: float = 3.5,
     min_scans: int = 5,
+    min_spread: Mapping[str, float] | None = None,
 ) -> pd.Series:
     """Cohort-level outliers: ``outlier_<metric>`` where the robust z-score exceeds ``z_threshold``.
 
-    Robust z = 0.6745 (x - median) / MAD (Iglewicz & Hoaglin), so a few failed scans cannot hide
-    themselves by inflating the spread. Needs ``min_scans`` valid values per metric; a metric with
-    MAD 0 (all equal) flags nothing. Returns a Series of lists aligned with ``table``'s index.
+    Robust z = 0.6745 (x - median) / max(MAD, floor) (Iglewicz & Hoaglin), so a few failed scans cannot
+    hide themselves by inflating the spread, and the floor (``min_spread``, default
+    :data:`MIN_OUTLIER_SPREAD`, in the metric's units) keeps a cohort of near-identical scans from flagging
+    harmless differences. Metrics in :data:`OUTLIER_SIDE` are judged on their suspicious side only. Needs
+    ``min_scans`` valid values per metric; a metric with no spread and no floor flags nothing. Returns a
+    Series of lists aligned with ``table``'s index.
     """
     df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
     cols = [c for c in (columns if columns is not None else METRIC_COLUMNS) if c in df.columns]
+    floors = {**MIN_OUTLIER_SPREAD, **(min_spread or {})}
     result = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
     for col in cols:
         values = pd.to_numeric(df[col], errors="coerce")
@@ -300,11 +333,13 @@ def outlier_flags(
         if len(valid) < min_scans:
             continue
         med = float(valid.median())
-        mad = float((valid - med).abs().median())
-        if mad <= 0:
+        spread = max(float((valid - med).abs().median()), floors.get(col, 0.0))
+        if spread <= 0:
             continue
-        z = 0.6745 * (values - med) / mad
-        for idx in z.index[z.abs() > z_threshold]:
+        z = 0.6745 * (values - med) / spread
+        side = OUTLIER_SIDE.get(col, 0)
+        suspicious = z * side if side else z.abs()
+        for idx in z.index[suspicious > z_threshold]:
             result.at[idx] = [*result.at[idx], f"outlier_{col}"]
     return result
 
@@ -347,6 +382,39 @@ def write_qc_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- figure
 
 
+_BANNER_RED = (0.85, 0.05, 0.05)
+_BANNER_FONT_PT = 8
+_BANNER_CHAR_PX = 7.0  # a bold monospace character at 8 pt and 100 dpi is ~6.7 px wide
+_BANNER_LINE_PX = 13  # 8 pt * 1.15 line spacing at 100 dpi
+_BANNER_PAD_PX = 3
+_BANNER_MAX_LINES = 4  # beyond this the banner would hide the brain; the rest is in qc.tsv
+
+
+def flag_banner_lines(flags: Sequence[str], max_chars: int, max_lines: int = _BANNER_MAX_LINES) -> list[str]:
+    """The QC flags as banner lines of at most ``max_chars`` characters, breaking only between flags
+    (a flag name is never split, and one longer than a line gets a line of its own); past ``max_lines`` the
+    last line says how many more are in qc.tsv."""
+    if not flags:
+        return []
+    lines: list[str] = []
+    flags_per_line: list[int] = []
+    current, count = "QC FLAGS:", 0
+    for position, flag in enumerate(flags):
+        item = flag + ("," if position < len(flags) - 1 else "")
+        if count and len(current) + 1 + len(item) > max_chars:
+            lines.append(current)
+            flags_per_line.append(count)
+            current, count = item, 1
+        else:
+            current, count = f"{current} {item}", count + 1
+    lines.append(current)
+    flags_per_line.append(count)
+    if len(lines) > max_lines:
+        hidden = len(flags) - sum(flags_per_line[:max_lines - 1])
+        lines = [*lines[:max_lines - 1], f"... and {hidden} more (see qc.tsv)"]
+    return lines
+
+
 @lru_cache(maxsize=4)
 def _template_volume(key: str) -> nib.Nifti1Image:
     img = nib.load(key)
@@ -376,13 +444,16 @@ def qc_figure(
     out_png: str | os.PathLike,
     title: str,
     *,
+    flags: Sequence[str] = (),
     size_px: tuple[int, int] = (900, 320),
 ) -> Path:
     """Write a QC PNG: sagittal, coronal and axial planes through the mask's centre of mass.
 
     Red: brain-mask contour. Cyan: Canny edges of ``template_edges_from`` (default MNI152 T1) on
     the same planes, so misregistration shows as edges that do not follow the anatomy.
-    ``title``: first line of the heading (e.g. scan id and key metrics).
+    ``title``: first line of the heading (e.g. scan id and key metrics). ``flags``: the scan's QC flags,
+    drawn in a red banner along the bottom (wrapped over several lines when long) so a reviewer paging
+    through pictures sees them without opening ``qc.tsv``; no banner when there are none.
     """
     # Figure + Agg canvas directly (no pyplot): no global backend state, safe in worker threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -410,7 +481,9 @@ def qc_figure(
     fig = Figure(figsize=(w / 100, h / 100), dpi=100, facecolor="black")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.84, wspace=0.02)
+    banner_lines = flag_banner_lines(flags, max_chars=max(20, int(w / _BANNER_CHAR_PX)))
+    banner_height = (len(banner_lines) * _BANNER_LINE_PX + 2 * _BANNER_PAD_PX) / h if banner_lines else 0.0
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01 + banner_height, top=0.84, wspace=0.02)
     edge_cmap = ListedColormap([(0, 0, 0, 0), (0.0, 1.0, 1.0, 0.9)])
     planes = [("sagittal", 0), ("coronal", 1), ("axial", 2)]
     for ax, (name, axis) in zip(axes, planes):
@@ -438,6 +511,13 @@ def qc_figure(
         ax.set_aspect("equal")
         ax.text(0.02, 0.02, name, color="yellow", fontsize=7, transform=ax.transAxes)
     fig.suptitle(title, color="white", fontsize=9, y=0.985, va="top", wrap=True)
+    if banner_lines:
+        from matplotlib.patches import Rectangle
+
+        fig.add_artist(Rectangle((0, 0), 1, banner_height, transform=fig.transFigure, facecolor=_BANNER_RED,
+                                 edgecolor="none", zorder=10))
+        fig.text(0.01, banner_height / 2, "\n".join(banner_lines), color="white", fontsize=_BANNER_FONT_PT,
+                 fontweight="bold", family="monospace", va="center", ha="left", linespacing=1.15, zorder=11)
     out = Path(out_png)
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, facecolor=fig.get_facecolor(), format="png")

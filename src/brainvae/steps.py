@@ -112,9 +112,9 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
     if template_space is not None:
         metrics["template_space"] = template_space
     metrics["flags"] = qc_flags(metrics, thresholds)
-    title = f"{scan}   r={metrics['template_correlation']:.2f}   brain {metrics['brain_volume_ml']:.0f} mL" + (
-        f"   FLAGS: {', '.join(metrics['flags'])}" if metrics["flags"] else "")
-    qc_figure(image, mask, mni152_brain(1), out_png, title)
+    title = f"{scan}   r={metrics['template_correlation']:.2f}   brain {metrics['brain_volume_ml']:.0f} mL"
+    # The flags go in the picture's red banner (wrapped), not the title line, where a long list ran off the edge.
+    qc_figure(image, mask, mni152_brain(1), out_png, title, flags=metrics["flags"])
     atomic_write_json(metrics, out_json)
     return metrics
 
