@@ -1,12 +1,17 @@
 # brainvae: T1w brain MRI -> preprocessing -> 3D VAE -> latent vectors -> analysis.
 # Thin on purpose: configuration, includes and the final targets. Logic lives in src/brainvae.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The base configuration: config/config.yaml of the working directory when there is one (a copy you edit), else
+# the workflow's own, so a run from another directory still starts from the documented defaults. --configfile
+# files are layered on top. The files read are printed at start (workflow/rules/common.smk).
+configfile: "config/config.yaml" if os.path.exists("config/config.yaml") else os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 report: "workflow/report/workflow.rst"

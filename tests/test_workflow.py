@@ -150,3 +150,24 @@ def test_auto_job_layout_is_one_job_per_scan_from_the_large_cohort_size_on():
     assert resolve_one_job_per_scan(True, 1) is True
     with pytest.raises(ConfigError, match="one_job_per_scan"):
         resolve_one_job_per_scan("yes", 10)
+
+
+def test_run_from_another_directory_reads_the_workflows_config_and_says_so(tmp_path):
+    """Without config/config.yaml in the working directory the workflow's own is read (not schema defaults,
+    which name one model 'vae'), and the start-up note names the file; a local config/config.yaml wins."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
+               "--dry-run"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"configuration read from {REPO / 'config' / 'config.yaml'}" in result.stderr
+    models = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]
+    assert planned_jobs(result.stdout + result.stderr)["train_vae"] == len(models)
+
+    local = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    local["models"] = {"only_one": next(iter(models.values()))}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(local))
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"configuration read from {tmp_path / 'config' / 'config.yaml'}" in result.stderr
+    assert planned_jobs(result.stdout + result.stderr)["train_vae"] == 1

@@ -21,6 +21,11 @@ from brainvae.steps import NATIVE_SPACE
 from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint, resolve_one_job_per_scan
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+if workflow.is_main_process:
+    # Snakemake lists the --configfile files first, then the Snakefile's base configuration.
+    CONFIG_FILES = [os.path.abspath(path) for path in workflow.configfiles]
+    print(f"brainvae: configuration read from {', then '.join(CONFIG_FILES[::-1]) or 'no file (schema defaults)'}",
+          file=sys.stderr)
 
 OUT = config["output_dir"]
 DERIV = f"{OUT}/derivatives/brainvae"
