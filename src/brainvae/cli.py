@@ -32,6 +32,26 @@ def _conform(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from . import importers
+
+    if args.command == "import-ixi":
+        dataset = importers.ixi_dataset(args.src, args.demographics)
+    elif args.command == "import-hcp":
+        dataset = importers.hcp_dataset(args.src, args.behavioral, layout=args.layout)
+    else:
+        dataset = importers.table_dataset(args.csv, args.path_column, args.subject_column,
+                                          args.session_column, args.columns)
+    out = importers.write_dataset(dataset, args.out, copy=not args.symlink, force=args.force)
+    for where, reason in dataset.skipped:
+        print(f"skipped {where}: {reason}")
+    for note in dataset.notes:
+        print(f"note: {note}")
+    print(f"wrote {len(dataset.scans)} T1w images of {len(dataset.participants)} participants to {out}"
+          + (f"; {len(dataset.skipped)} skipped (listed above and in {out}/README)" if dataset.skipped else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainvae", description=__doc__)
     parser.add_argument("--version", action="version", version=f"brainvae {__version__}")
@@ -62,6 +82,57 @@ def build_parser() -> argparse.ArgumentParser:
     conform.add_argument("--max-anisotropy", type=float, default=20.0,
                          help="largest allowed ratio of largest to smallest voxel size (20)")
     conform.set_defaults(func=_conform)
+
+    common = argparse.ArgumentParser(add_help=False)
+    placing = common.add_mutually_exclusive_group()
+    placing.add_argument("--copy", dest="symlink", action="store_false",
+                         help="copy the source images (the default: symlinks break when the source folder "
+                              "moves or is unmounted)")
+    placing.add_argument("--symlink", action="store_true",
+                         help="link to the source images (absolute links) instead of copying them")
+    common.set_defaults(symlink=False)
+    common.add_argument("--force", action="store_true",
+                        help="replace OUT when it holds an earlier brainvae import (never another folder)")
+    out_help = "BIDS folder to create (must be missing or empty)"
+    after = ("Writes sub-<label>/anat/sub-<label>_T1w.nii.gz with JSON sidecars, participants.tsv/.json, "
+             "dataset_description.json and a README; every file or row left out is listed with the reason.")
+
+    ixi = commands.add_parser(
+        "import-ixi", parents=[common], help="IXI's flat folder of T1 images -> BIDS",
+        description="Turn IXI's IXI###-<Site>-####-T1.nii.gz files into BIDS (sub-IXI002, ...), with the "
+                    "site's scanner in each sidecar and age/sex from the demographics sheet. " + after)
+    ixi.add_argument("src", help="folder with the IXI-T1 files")
+    ixi.add_argument("out", help=out_help)
+    ixi.add_argument("--demographics", help="IXI.xls saved as CSV (IXI_ID, SEX_ID 1=male 2=female, AGE); "
+                                            ".xls/.xlsx only where pandas can read them")
+    ixi.set_defaults(func=_import)
+
+    hcp = commands.add_parser(
+        "import-hcp", parents=[common], help="HCP subject folders -> BIDS",
+        description="Turn HCP subject folders into BIDS (sub-100307, ...). " + after)
+    hcp.add_argument("src", help="folder with one folder per HCP subject")
+    hcp.add_argument("out", help=out_help)
+    hcp.add_argument("--behavioral", help="HCP behavioural CSV (Subject, Gender M/F, Age as a range such as "
+                                          "26-30: age is its midpoint, age_range keeps the range)")
+    hcp.add_argument("--layout", choices=("auto", "unprocessed", "preprocessed"), default="auto",
+                     help="unprocessed: <subject>/unprocessed/3T/T1w_MPR1/<subject>_3T_T1w_MPR1.nii.gz (MPR2 "
+                          "as run 2); preprocessed: <subject>/T1w/T1w_acpc_dc_restore.nii.gz; auto (default): "
+                          "unprocessed where a subject has it, else preprocessed (each sidecar's HCPLayout says)")
+    hcp.set_defaults(func=_import)
+
+    table = commands.add_parser(
+        "import-table", parents=[common], help="a CSV of image paths and subjects -> BIDS",
+        description="Turn any layout into BIDS from a table with one row per T1w image (.nii, .nii.gz; "
+                    ".mgz/.mgh are converted to .nii.gz). Relative paths are relative to the table's folder. "
+                    + after)
+    table.add_argument("csv", help="CSV (or TSV) with one row per image")
+    table.add_argument("out", help=out_help)
+    table.add_argument("--path-column", default="path", help="column with the image path (default path)")
+    table.add_argument("--subject-column", default="subject", help="column with the subject (default subject)")
+    table.add_argument("--session-column", help="column with the session, if any")
+    table.add_argument("--columns", nargs="+", default=[], metavar="COLUMN",
+                       help="columns copied into participants.tsv (e.g. age sex group)")
+    table.set_defaults(func=_import)
     return parser
 
 
