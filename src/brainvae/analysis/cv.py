@@ -31,6 +31,7 @@ __all__ = [
     "inner_splits",
     "make_outer_folds",
     "participant_groups",
+    "permutation_matrix",
     "permute_labels_by_group",
 ]
 
@@ -220,11 +221,56 @@ def permute_labels_by_group(
     Permuting scans instead would give two sessions of one person different labels, a null
     distribution that the real data can never come from.
     """
-    labels = np.asarray(labels)
+    group_labels(labels, groups)  # one label per participant, or an error naming them
+    seed = int(rng.integers(0, 2**63 - 1))
+    return permutation_matrix(labels, groups, 1, seed=seed)[:, 1]
+
+
+def permutation_matrix(
+    values: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_permutations: int, *, seed: int = 0
+) -> np.ndarray:
+    """(n, 1 + n_permutations): ``values`` in column 0, then permutations among participants (numpy only).
+
+    Scans of one participant move together. When every participant's scans share one value (a
+    diagnosis), participants' values are permuted among all participants. When values differ within a
+    participant (age at each session), whole value vectors are exchanged among participants with the
+    same number of scans (in their row order), so every permuted column is a relabelling of
+    participants that keeps each one's within-person pattern.
+    """
+    values = np.asarray(values)
     groups = np.asarray(groups)
-    per_group = group_labels(labels, groups)
-    shuffled = pd.Series(rng.permutation(per_group.to_numpy()), index=per_group.index)
-    return shuffled.loc[groups].to_numpy()
+    n = values.shape[0]
+    if groups.shape[0] != n:
+        raise AnalysisError("permutation", f"{n} values but {groups.shape[0]} group ids")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 1 + n_permutations), dtype=values.dtype)
+    out[:, 0] = values
+    if n_permutations == 0 or n == 0:
+        return out
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    per_group = values[first]
+    if np.array_equal(per_group[inverse], values):
+        order = rng.permuted(np.broadcast_to(np.arange(len(first)), (n_permutations, len(first))), axis=1)
+        out[:, 1:] = per_group[order][:, inverse].T
+        return out
+    # Values vary within participants: exchange participants of equal size, scans in row order.
+    sizes = np.bincount(inverse)
+    rank = np.empty(n, dtype=np.int64)  # position of each scan among its participant's scans
+    by_group = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank[by_group] = np.arange(n) - np.repeat(starts, sizes)
+    for size in np.unique(sizes):
+        members = np.flatnonzero(sizes == size)  # participants with this many scans
+        table = np.empty((len(members), size), dtype=np.int64)  # row indices of their scans
+        local = np.full(len(sizes), -1)
+        local[members] = np.arange(len(members))
+        rows = np.flatnonzero(sizes[inverse] == size)
+        table[local[inverse[rows]], rank[rows]] = rows
+        order = rng.permuted(np.broadcast_to(np.arange(len(members)), (n_permutations, len(members))), axis=1)
+        donors = table[order]  # (P, members, size): donor participant's rows for each receiving participant
+        out[table.reshape(-1), 1:] = values[donors.reshape(n_permutations, -1)].T
+    return out
 
 
 def folds_to_table(folds: Sequence[OuterFold], groups: Sequence | np.ndarray) -> pd.DataFrame:
