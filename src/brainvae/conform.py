@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import zlib
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,72 @@ def _gzip_payload_size(path: Path) -> int:
     return size
 
 
+# First bytes of formats a file named .nii/.nii.gz sometimes really is: prefix -> what it is and what to do.
+_FOREIGN_MAGICS = (
+    (b"\x1f\x8b", "gzip-compressed twice (gunzip it once)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (MINC-2?): convert it with mnc2nii"),
+    (b"CDF\x01", "a netCDF file (MINC-1?): convert it with mnc2nii"),
+    (b"CDF\x02", "a netCDF file (MINC-1?): convert it with mnc2nii"),
+    (b"NRRD", "an NRRD image: convert it to NIfTI (e.g. 3D Slicer or c3d)"),
+    (b"PK\x03\x04", "a ZIP archive: unpack it first"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the image: run `git lfs pull`"),
+)
+
+
+def _sniff(path: Path) -> str | None:
+    """What a file that does not load as the NIfTI its name promises really is, from its first bytes
+    (after one gzip layer), with what to do about it; None when nothing is recognised."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+        if head[:2] == _GZIP_MAGIC:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(1024)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(head) >= 348:
+        for order in "<>":
+            size = struct.unpack(f"{order}i", head[:4])[0]
+            if size == 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+                return "a NIfTI-1 file"
+            if size == 348:
+                return "an Analyze 7.5 image (no orientation): convert it to NIfTI"
+            if size == 540 and head[4:7] in (b"n+2", b"ni2"):
+                return "a NIfTI-2 file"
+    # FreeSurfer MGH: big-endian int32 version 1, then width, height, depth, frames and a data type.
+    if len(head) >= 28:
+        version, *dims, dtype = struct.unpack(">7i", head[:28])[:6]
+        if version == 1 and all(d > 0 for d in dims) and dtype in (0, 1, 3, 4):
+            return "a FreeSurfer MGH image (.mgz/.mgh): convert it with `mri_convert in.mgz out.nii.gz`"
+    if head[128:132] == b"DICM":
+        return "a DICOM file: convert the series with dcm2niix"
+    for magic, what in _FOREIGN_MAGICS:
+        if head.startswith(magic):
+            return what
+    start = head.lstrip()[:15].lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a failed download: a login or error page?)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return f"plain text starting {text.strip().splitlines()[0][:60]!r}" if text.strip() else "blank text"
+    return None
+
+
+def _it_is(path: Path) -> str:
+    """'; it is <what>' for an error message, or '' when the content is not recognised."""
+    what = _sniff(path)
+    return f"; it is {what}" if what else ""
+
+
 def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     """Load a ``.nii``/``.nii.gz`` file, checking that it is complete.
 
     Raises InputError for a missing/unreadable file, a wrong extension or compression, a
-    truncated or corrupt gzip stream, a file that is not NIfTI-1/2, or a file shorter than its
-    header says. The voxel data itself is read (once) by :func:`conform_image`, which turns any
+    truncated or corrupt gzip stream, a file that is not NIfTI-1/2 (saying what it is when its first
+    bytes tell: MGH, DICOM, HDF5/MINC, NRRD, HTML, text, ...), or a file shorter than its header says. The voxel data itself is read (once) by :func:`conform_image`, which turns any
     remaining read error into an InputError too.
     """
     path = Path(path)
@@ -123,8 +184,12 @@ def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     # nibabel picks the decompressor from the extension; a mismatch gives a cryptic error.
     is_gzip = head == _GZIP_MAGIC
     if suffix == ".nii.gz" and not is_gzip:
-        raise InputError(path, "named .nii.gz but not gzip-compressed (not a NIfTI file, or "
-                               "an uncompressed NIfTI that should be named .nii)")
+        what = _sniff(path)
+        if what in ("a NIfTI-1 file", "a NIfTI-2 file"):
+            what = f"an uncompressed {what[2:]}: rename it to .nii"
+        raise InputError(path, "named .nii.gz but not gzip-compressed " + (
+            f"(it is {what})" if what else
+            "(not a NIfTI file, or an uncompressed NIfTI that should be named .nii)"))
     if suffix == ".nii" and is_gzip:
         raise InputError(path, "named .nii but gzip-compressed (rename it to .nii.gz)")
     payload_size = _gzip_payload_size(path) if is_gzip else path.stat().st_size
@@ -132,16 +197,20 @@ def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
     try:
         img = nib.load(path, mmap=False)
     except ImageFileError as exc:
-        raise InputError(path, f"not a NIfTI file ({exc})") from None
+        what = _sniff(path)
+        raise InputError(path, f"not a NIfTI file: it is {what}" if what else
+                         f"not a NIfTI file ({exc})") from None
     except _READ_ERRORS as exc:
-        raise InputError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})") from None
+        raise InputError(path, f"cannot read NIfTI header ({type(exc).__name__}: {exc})"
+                               f"{_it_is(path)}") from None
     # Nifti2Image subclasses Nifti1Image; plain Analyze 7.5 (AnalyzeImage) has no orientation
     # information and is rejected, as is anything else nibabel can open (MGH, MINC, ...).
     if not isinstance(img, nib.Nifti1Image):
-        raise InputError(path, f"not a NIfTI-1/NIfTI-2 file (nibabel reads it as {type(img).__name__})")
+        raise InputError(path, f"not a NIfTI-1/NIfTI-2 file (nibabel reads it as {type(img).__name__})"
+                               f"{_it_is(path)}")
     magic = bytes(img.header["magic"]).rstrip(b"\x00")
     if magic not in _NIFTI_MAGICS:
-        raise InputError(path, f"not a NIfTI file (bad magic bytes {magic!r})")
+        raise InputError(path, f"not a NIfTI file (bad magic bytes {magic!r}){_it_is(path)}")
 
     # Catch truncation now, from sizes alone, instead of as an obscure error in a later step.
     # (The data offset is on the array proxy: nibabel resets it in the image's header copy.)

@@ -19,7 +19,8 @@ Why not ``ancpbids.BIDSLayout(root).get(suffix="T1w")``? Measured with ancpbids 
 So we list the only places a raw T1w may live, ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, ourselves
 (linear, never enters ``derivatives/`` or ``sourcedata/``), split each name with ancpbids' BIDS
 name parser, and turn every bad folder or file name into an error instead of a silently
-missing subject.
+missing subject. A T1w in another format (``sub-01_T1w.mgz``, ``.mgh``, ``.img``, ``.nrrd``,
+``.mnc``, a DICOM folder) is an error too, naming the file and how to convert it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ ROLES = {"train": (True, False), "analyse": (False, True), "both": (True, True)}
 
 T1W_PATTERNS = "sub-*/anat/*_T1w.nii[.gz], sub-*/ses-*/anat/*_T1w.nii[.gz]"
 T1W_EXTENSIONS = (".nii.gz", ".nii")
+#: T1w images in formats BIDS raw data does not allow (it holds .nii/.nii.gz only): extension ->
+#: (what it is, how to convert it). They are reported, never silently ignored.
+FOREIGN_T1W = {
+    ".mgz": ("a FreeSurfer MGH image", "mri_convert {name} {stem}.nii.gz"),
+    ".mgh": ("a FreeSurfer MGH image", "mri_convert {name} {stem}.nii.gz"),
+    ".img": ("an Analyze/NIfTI pair image", "e.g. nibabel or mri_convert, to {stem}.nii.gz"),
+    ".hdr": ("an Analyze/NIfTI pair header", "e.g. nibabel or mri_convert, to {stem}.nii.gz"),
+    ".nrrd": ("an NRRD image", "e.g. 3D Slicer or c3d, to {stem}.nii.gz"),
+    ".nhdr": ("an NRRD header", "e.g. 3D Slicer or c3d, to {stem}.nii.gz"),
+    ".mnc": ("a MINC image", "mnc2nii, to {stem}.nii.gz"),
+    ".dcm": ("a DICOM file", "dcm2niix -z y -f {stem} <its folder>"),
+    "": ("a folder (a DICOM series?)", "dcm2niix -z y -f {stem} {name}"),
+}
 
 #: Cell values that mean "no value" in a BIDS TSV (BIDS writes n/a).
 MISSING = {"", "n/a", "N/A", "NA", "nan", "NaN"}
@@ -113,10 +127,26 @@ def _find_t1w(root: Path, problems: _Problems) -> list[tuple[str, str, str | Non
                 names = sorted(e.name for e in it)
             for name in names:
                 # '._sub-01_T1w.nii.gz' are macOS resource forks, not images.
-                if name.startswith(".") or not name.endswith(("_T1w.nii", "_T1w.nii.gz")):
+                if name.startswith("."):
+                    continue
+                if not name.endswith(("_T1w.nii", "_T1w.nii.gz")):
+                    _foreign_t1w(anat / name, problems)
                     continue
                 found.append((anat.relative_to(root).joinpath(name).as_posix(), sub, ses))
     return found
+
+
+def _foreign_t1w(path: Path, problems: _Problems) -> None:
+    """Report a T1w image in a format other than NIfTI (``sub-01_T1w.mgz``), naming the fix."""
+    stem, sep, extension = path.name.rpartition("_T1w")
+    if not sep or extension.lower() not in FOREIGN_T1W or (not extension and not path.is_dir()):
+        return  # not a T1w (sidecars, other suffixes), or a format we do not know
+    what, how = FOREIGN_T1W[extension.lower()]
+    how = how.format(name=path.name, stem=f"{stem}_T1w")
+    if extension.lower() in (".mgz", ".mgh"):
+        how += ", or let `brainvae import-table` convert it into a new BIDS folder"
+    problems.add(path, f"{what}, not NIfTI: BIDS raw data holds T1w images as .nii/.nii.gz only; "
+                       f"convert it ({how})")
 
 
 def _parse_name(name: str) -> dict[str, str] | str:
