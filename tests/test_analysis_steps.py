@@ -18,13 +18,8 @@ from brainvae.analysis import (
     voxel_matrix_from_cohort,
 )
 from brainvae.analysis.steps import (
-    NO_MODEL,
-    analysed_scans,
-    classification_step,
-    classification_tables,
     confounds_from_files,
     feature_set,
-    outer_folds_step,
     read_scan_table,
     reconstruction_tables,
     scan_table,
@@ -33,10 +28,6 @@ from brainvae.analysis.steps import (
 )
 from brainvae.analysis.synthetic import synthetic_cohort
 from brainvae.analysis.tables import format_reconstruction_summary, write_tsv
-
-FAST = dict(classifiers=["logreg", "knn"], n_splits=3, n_repeats=1, n_inner=2, seed=0,
-            param_grids={"logreg": {"C": [1.0]}, "knn": {"n_neighbors": [3]}})
-
 
 def _write_json(path, obj):
     path.write_text(json.dumps(obj))
@@ -54,7 +45,7 @@ def test_confounds_from_qc_metrics_and_transform(tmp_path):
     qc = _write_json(tmp_path / "qc.json", {"scan": "sub-01", "brain_volume_ml": 1234.5})
     xfm = _write_json(tmp_path / "xfm.json", {"affine_native_to_mni_ras": _affine(1.1)})
     values = confounds_from_files(qc, xfm)
-    assert values["icv_ml"] == 1234.5
+    assert values["brain_volume_ml"] == 1234.5
     assert values["affine_scale"] == pytest.approx(1.1)
 
 
@@ -85,33 +76,26 @@ def _index(n=4):
 
 
 def test_scan_table_adds_split_and_confounds_in_cohort_row_order(tmp_path):
-    index = _index()
+    index = _index().assign(icv_ml=["1500", "n/a", "", "1400.5"])
     splits = pd.DataFrame({"scan": [index["scan"][1]], "split": ["train"]})
-    confounds = {s: {"icv_ml": 1000.0 + i, "affine_scale": 1.0} for i, s in enumerate(index["scan"])}
+    confounds = {s: {"brain_volume_ml": 1000.0 + i, "affine_scale": 1.0} for i, s in enumerate(index["scan"])}
     table = scan_table(index, splits, confounds)
-    assert list(table.columns[:10]) == ["scan", "scan_key", "dataset", "participant", "session", "run", "label",
-                                        "split", "icv_ml", "affine_scale"]
+    assert list(table.columns[:12]) == ["scan", "scan_key", "dataset", "participant", "session", "run", "label",
+                                        "split", "tiv_ml", "tiv_source", "brain_volume_ml", "affine_scale"]
     assert table["scan"].tolist() == index.sort_values("row")["scan"].tolist()
     assert dict(zip(table["scan"], table["split"]))[index["scan"][1]] == "train"
     assert (table["split"] == "none").sum() == 3
+    # TIV: the participants' icv_ml where given, else the QC brain volume.
+    tiv = dict(zip(table["scan"], table["tiv_ml"]))
+    assert tiv[index["scan"][0]] == 1500.0 and tiv[index["scan"][1]] == 1001.0 and tiv[index["scan"][3]] == 1400.5
+    assert set(table["tiv_source"]) == {"participants icv_ml", "qc brain_volume_ml"}
+    assert "split" not in scan_table(index, None, confounds).columns  # the workflow: each model has its own
     write_tsv(table, tmp_path / "scans.tsv")
     back = read_scan_table(tmp_path / "scans.tsv")
-    assert back["session"].tolist() == [""] * 4 and back["icv_ml"].dtype == float
+    assert back["session"].tolist() == [""] * 4 and back["tiv_ml"].dtype == float
     assert back["age"].isna().sum() == 1
     with pytest.raises(AnalysisError, match="no QC/transform values for 1 scan"):
         scan_table(index, splits, {k: v for k, v in list(confounds.items())[1:]})
-
-
-def test_analysed_scans_filters_splits_and_empty_labels():
-    table = scan_table(_index(), None, {s: {"icv_ml": 1.0, "affine_scale": 1.0} for s in _index()["scan"]})
-    table.loc[0, "label"] = ""
-    table.loc[1, "split"] = "train"
-    kept = analysed_scans(table, ["val", "test", "none"])
-    assert len(kept) == 2 and "train" not in set(kept["split"]) and "" not in set(kept["label"])
-    with pytest.raises(AnalysisError, match="no scan with a 'label' value in split"):
-        analysed_scans(table, ["val"])
-    with pytest.raises(AnalysisError, match="label column 'group'"):
-        analysed_scans(table, ["none"], label="group")
 
 
 def test_block_mean_averages_whole_blocks_and_pads_edges():
@@ -200,9 +184,12 @@ def analysis_inputs(tmp_path_factory):
     c = synthetic_cohort(n_subjects=24, n_latent=6, n_voxels=200, effect=3.0, size_effect=1.0, seed=3)
     meta = c.meta.rename(columns={"group": "label"})
     index = meta.assign(subject=meta["participant"], row=np.arange(len(meta)))
-    confounds = {s: {"icv_ml": v, "affine_scale": a} for s, v, a in zip(meta["scan"], meta["icv_ml"], meta["affine_scale"])}
-    splits = pd.DataFrame({"scan": meta["scan"][meta["label"] == "euploid"][:6], "split": "train"})
-    table = scan_table(index.drop(columns=["participant", "icv_ml", "affine_scale", "split"]), splits, confounds)
+    confounds = {s: {"brain_volume_ml": v, "affine_scale": a}
+                 for s, v, a in zip(meta["scan"], meta["icv_ml"], meta["affine_scale"])}
+    table = scan_table(index.drop(columns=["participant", "icv_ml", "affine_scale", "split"]), None, confounds)
+    table["analyse"] = "True"
+    table["age"] = np.random.default_rng(0).uniform(20, 60, len(table)).round(1)
+    table["sex"] = np.where(np.arange(len(table)) % 2 == 0, "F", "M")
     write_tsv(table, root / "scans.tsv")
     latents = meta[["dataset", "participant", "session", "run", "scan", "label"]].assign(split="none")
     for j in range(c.latents.shape[1]):
@@ -211,42 +198,6 @@ def analysis_inputs(tmp_path_factory):
     np.save(root / "voxels.npy", c.voxels)
     index[["row", "scan", "dataset", "subject"]].to_csv(root / "voxels_index.tsv", sep="\t", index=False)
     return root, c
-
-
-def test_classification_steps_write_every_declared_file_on_shared_folds(analysis_inputs):
-    root, cohort = analysis_inputs
-    scans = analysed_scans(read_scan_table(root / "scans.tsv"), ["train", "val", "test", "none"])
-    folds = outer_folds_step(scans, root / "outer_folds.tsv", label="label", positive="DS", n_splits=3, n_repeats=1,
-                             seed=0)
-    assert set(folds["group"]) == {f"{d}/{p}" for d, p in zip(scans["dataset"], scans["participant"])}
-    dirs = {}
-    for kind, model in (("latents", "vae"), ("voxels_pca", None), ("confounds", None)):
-        fs = feature_set(kind, scans, latents=root / "latents.parquet", voxels=root / "voxels.npy",
-                         voxel_index=root / "voxels_index.tsv", pca_components=3)
-        out = root / (model or kind)
-        written = classification_step(scans, folds, fs, out, label="label", positive="DS", model=model,
-                                      n_permutations=3 if kind == "latents" else 0, **FAST)
-        declared = classification_output_files(str(out), fs.name, FAST["classifiers"])
-        flat = [p for v in declared.values() for p in (v if isinstance(v, list) else [v])]
-        assert sorted(flat) == sorted(str(p) for p in written.values()), kind
-        dirs[kind] = out
-    # Latents rows were aligned by scan, not by file order: the synthetic DS shift is found.
-    preds = pd.read_csv(dirs["latents"] / "predictions.tsv", sep="\t")
-    truth = scans.set_index("scan")["label"]
-    assert (preds.groupby("scan")["true_label"].first().reindex(truth.index) == truth).all()
-    # Same outer test participants for every feature set (paired comparison).
-    tests = {k: pd.read_csv(d / "predictions.tsv", sep="\t").groupby(["classifier", "repeat", "fold"])["scan"]
-             .apply(frozenset) for k, d in dirs.items()}
-    assert tests["latents"].equals(tests["confounds"]) and tests["latents"].equals(tests["voxels_pca"])
-
-    paths = classification_tables([dirs["latents"], dirs["voxels_pca"], dirs["confounds"]], root / "tables",
-                                  root / "overview.png", label="label", positive="DS")
-    table = pd.read_csv(paths["classification_tsv"], sep="\t")
-    assert table["model"].tolist() == ["vae", "vae", NO_MODEL, NO_MODEL, NO_MODEL, NO_MODEL]
-    assert table.loc[table["feature_set"] == "latents", "roc_auc_mean"].max() >= 0.9
-    assert table.loc[(table.feature_set == "latents") & (table.classifier == "logreg"), "n_permutations"].item() == 3
-    assert "ROC AUC" in paths["classification_md"].read_text()
-    assert (root / "overview.png").stat().st_size > 5_000
 
 
 def test_site_check_step_and_table(analysis_inputs):

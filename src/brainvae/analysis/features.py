@@ -304,3 +304,60 @@ def confound_matrix(
     X = np.hstack(blocks)
     check_finite(X, scan_keys(meta), what="confounds")
     return FeatureSet("confounds", X, columns=tuple(names))
+
+
+def confound_features(meta: pd.DataFrame, names: Sequence[str], *, exclude: Sequence[str] = (),
+                      name: str | None = None) -> FeatureSet:
+    """Confound features of the named sets (see brainvae.analysis.tasks.CONFOUNDS): numbers as they
+    are, text (sex, dataset) one-hot over its sorted values. Columns in ``exclude`` (the task's own
+    column, e.g. age for brain age) are left out. One-hot columns use no label, so building them on
+    every row (external scans included) leaks nothing; a column constant in a training set is
+    harmless (standardisation gives it zero weight)."""
+    from brainvae.analysis.tasks import CONFOUNDS
+
+    blocks, columns = [], []
+    for set_name in names:
+        if set_name not in CONFOUNDS:
+            raise AnalysisError("confounds", f"unknown confound set '{set_name}' (known: {', '.join(CONFOUNDS)})")
+        for column in CONFOUNDS[set_name]:
+            if column in exclude:
+                continue
+            if column not in meta.columns:
+                raise AnalysisError("confounds", f"column '{column}' of confound set '{set_name}' is not in the "
+                                                 f"analysis table (add it to the datasets' covariates)")
+            values = meta[column]
+            if column in ("sex", "dataset") or not pd.api.types.is_numeric_dtype(values):
+                text = values.astype(str).to_numpy()
+                levels = sorted(set(text.tolist()))
+                blocks.append((text[:, None] == np.array(levels)[None, :]).astype(np.float64))
+                columns += [f"{column}_{v}" for v in levels]
+            else:
+                blocks.append(values.to_numpy(dtype=np.float64)[:, None])
+                columns.append(column)
+    if not blocks:
+        raise AnalysisError("confounds", f"no confound columns left in {', '.join(names)} once "
+                                         f"{', '.join(exclude) or 'none'} are excluded")
+    X = np.hstack(blocks)
+    label = name or "+".join(names)
+    check_finite(X, scan_keys(meta), what=f"confounds ({label})")
+    return FeatureSet(label, X, columns=tuple(columns))
+
+
+def row_space(X: np.ndarray, *, chunk_columns: int = 65_536) -> np.ndarray:
+    """Coordinates of the rows of ``X`` (n × p, p large) in an orthonormal basis of their span: n × r.
+
+    Inner products and distances between rows, hence any PCA, standardisation-after-PCA or linear
+    model fitted on a subset of rows and applied to others, are exactly those of ``X`` (every PCA
+    axis of a subset lies in the span of all rows). The basis uses no label, so computing it once
+    on every scan leaks nothing, and turns a scans × voxels matrix into a scans × scans one, which
+    makes a PCA inside every training fold cheap. Built from the Gram matrix X Xᵀ, read in column
+    chunks (a memmap is never loaded whole).
+    """
+    n, p = X.shape
+    gram = np.zeros((n, n))
+    for start in range(0, p, chunk_columns):
+        block = np.asarray(X[:, start:start + chunk_columns], dtype=np.float64)
+        gram += block @ block.T
+    values, vectors = np.linalg.eigh(gram)
+    keep = values > max(values.max(), 0.0) * n * np.finfo(np.float64).eps
+    return vectors[:, keep] * np.sqrt(values[keep])[None, :]

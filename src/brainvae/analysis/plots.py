@@ -21,6 +21,7 @@ __all__ = [
     "plot_metric_summary",
     "plot_pca_scatter",
     "plot_roc",
+    "plot_task_figure",
 ]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -222,5 +223,56 @@ def plot_metric_summary(
     ax.set_yticks(ypos, labels=labels, fontsize=7)
     ax.set_xlabel(metric.replace("_", " "))
     ax.set_title(title or f"{metric} (mean and CI over outer folds)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_task_figure(predictions: pd.DataFrame, out_png: str | os.PathLike[str], *, kind: str, title: str = "") -> Path:
+    """One figure of a task's cross-validated predictions, one curve or panel per model × feature set.
+
+    ``kind`` binary: ROC curves of the positive-class score (``score``, truth ``y_true`` 1 = positive);
+    otherwise predicted (``value``, else ``code``) against true value, with the identity line. Repeat 0.
+    """
+    from sklearn.metrics import roc_curve
+
+    preds = predictions[predictions["repeat"] == predictions["repeat"].min()] if "repeat" in predictions else predictions
+    model = preds["model"].astype(str) if "model" in preds.columns else pd.Series("(none)", index=preds.index)
+    names = np.where(model == "(none)", preds["feature_set"].astype(str), model + ": " + preds["feature_set"].astype(str))
+    groups = list(dict.fromkeys(names))
+    if kind == "binary":
+        fig = _figure(5.2, 4.6)
+        ax = fig.subplots()
+        for j, name in enumerate(groups):
+            part = preds[names == name]
+            y, s = part["y_true"].to_numpy(int), part["score"].to_numpy(float)
+            if len(set(y.tolist())) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, color=_PALETTE[j % len(_PALETTE)], lw=1.4, label=name)
+        ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=7, frameon=False, loc="lower right")
+    else:
+        columns = min(4, len(groups))
+        rows = int(np.ceil(len(groups) / columns))
+        fig = _figure(3.2 * columns, 3.0 * rows)
+        axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False).ravel())
+        value = "value" if "value" in preds.columns and preds["value"].notna().any() else "code"
+        truth = preds["y_true"].to_numpy(float)
+        lo, hi = float(np.nanmin(truth)), float(np.nanmax(truth))
+        for ax, name in zip(axes, groups):
+            sel = names == name
+            jitter = 0.0 if kind == "regression" else np.random.default_rng(0).uniform(-0.15, 0.15, sel.sum())
+            ax.scatter(truth[sel] + jitter, preds.loc[sel, value].to_numpy(float), s=10, alpha=0.7, color=_PALETTE[0],
+                       edgecolors="none")
+            ax.plot([lo, hi], [lo, hi], color="#999999", lw=0.8, ls="--")
+            ax.set_title(name, fontsize=8)
+            ax.set_xlabel("true" + ("" if kind == "regression" else " (level code)"), fontsize=8)
+            ax.set_ylabel("predicted", fontsize=8)
+        for ax in axes[len(groups):]:
+            ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, out_png)

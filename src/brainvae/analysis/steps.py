@@ -4,9 +4,11 @@ The Snakemake scripts in ``workflow/scripts/analysis_*.py`` are one call each in
 everything here is tested without Snakemake.
 
 The analysis table (``scans.tsv``, :func:`scan_table`) has one row per scan of the cohort array, in
-its order: identifiers, the label and covariates from the cohort index, the VAE split of each scan
-(``train``/``val``/``test``, or ``none`` for scans the VAE never saw, e.g. DS scans) and the two
-size confounds. Every feature matrix is aligned to it by the ``scan`` column.
+its order: identifiers, the label and covariates from the cohort index, and the size confounds
+(QC brain volume, native-to-MNI affine scale, and ``tiv_ml``: the participants' ``icv_ml`` where
+given, else the QC brain volume). It holds no VAE split: which scans a model saw comes from that
+model's own splits (brainvae.analysis.task_steps.select_scans). Every feature matrix is aligned to it
+by the ``scan`` column. The prediction tasks' steps are in brainvae.analysis.task_steps.
 """
 
 from __future__ import annotations
@@ -19,20 +21,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainvae.analysis.classify import run_classification, site_check
-from brainvae.analysis.cv import check_labels, folds_from_table, folds_to_table, make_outer_folds, participant_groups
+from brainvae.analysis.classify import site_check
 from brainvae.analysis.errors import AnalysisError
 from brainvae.analysis.features import (
     FeatureSet,
     affine_scale,
     align_rows,
-    confound_matrix,
+    confound_features,
     latent_matrix,
     load_latents,
     load_voxel_matrix,
 )
 from brainvae.analysis.outputs import write_classification_outputs
-from brainvae.analysis.plots import plot_metric_summary
 from brainvae.analysis.tables import (
     classification_table,
     format_classification_table,
@@ -45,12 +45,8 @@ from brainvae.io import read_json
 
 __all__ = [
     "NOT_IN_SPLIT",
-    "analysed_scans",
-    "classification_step",
-    "classification_tables",
     "confounds_from_files",
     "feature_set",
-    "outer_folds_step",
     "read_scan_table",
     "reconstruction_tables",
     "scan_table",
@@ -61,14 +57,14 @@ __all__ = [
 #: Split of a scan the VAE never saw (same word as the latents table, brainvae.vae.latents).
 NOT_IN_SPLIT = "none"
 #: Columns of the analysis table that hold numbers (everything else is read as text).
-NUMERIC_COLUMNS = ("icv_ml", "affine_scale", "age")
+NUMERIC_COLUMNS = ("icv_ml", "brain_volume_ml", "affine_scale", "tiv_ml", "age")
 #: Model column value of baseline rows (voxels, confounds) in the combined tables: they use no VAE.
 #: Not "n/a", which TSV readers (and write_tsv) take for a missing value.
 NO_MODEL = "(none)"
 
 
 def confounds_from_files(qc_json: str | os.PathLike[str], xfm_json: str | os.PathLike[str]) -> dict[str, float]:
-    """Intracranial volume (mL, the native brain mask of the QC metrics) and the native→MNI affine scale."""
+    """Brain volume (mL, the native brain mask of the QC metrics) and the native→MNI affine scale."""
     qc = read_json(qc_json)
     icv = qc.get("brain_volume_ml") if isinstance(qc, dict) else None
     if not isinstance(icv, (int, float)) or not np.isfinite(icv) or icv <= 0:
@@ -83,7 +79,7 @@ def confounds_from_files(qc_json: str | os.PathLike[str], xfm_json: str | os.Pat
         raise AnalysisError(str(xfm_json), f"'affine_native_to_mni_ras' is not a 4×4 matrix ({error})") from error
     if not np.isfinite(scale) or scale <= 0:
         raise AnalysisError(str(xfm_json), f"degenerate native→MNI affine (scale {scale})")
-    return {"icv_ml": float(icv), "affine_scale": scale}
+    return {"brain_volume_ml": float(icv), "affine_scale": scale}
 
 
 def scan_table(
@@ -91,11 +87,13 @@ def scan_table(
     splits: pd.DataFrame | None,
     confounds: Mapping[str, Mapping[str, float]],
 ) -> pd.DataFrame:
-    """The analysis table: the cohort index (row order kept) with participant, split and confounds.
+    """The analysis table: the cohort index (row order kept) with participant, confounds and ``tiv_ml``.
 
     ``index``: the cohort index (scan, scan_key, dataset, subject, session, run, label, covariates);
-    ``splits``: the VAE's (scan, split) table, scans absent from it get ``none``; ``confounds``:
-    scan → {icv_ml, affine_scale}, every scan of the index needed.
+    ``splits``: a (scan, split) table to add as ``split`` (scans absent get ``none``), or None for no
+    split column (the workflow: each model has its own); ``confounds``: scan → {brain_volume_ml,
+    affine_scale}, every scan of the index needed. ``tiv_ml`` is the index's ``icv_ml`` (participants
+    column) where it holds a positive number, else the QC brain volume; ``tiv_source`` says which.
     """
     missing = [c for c in ("scan", "dataset", "subject", "label") if c not in index.columns]
     if missing:
@@ -106,12 +104,18 @@ def scan_table(
                                          f"{', '.join(no_confounds[:5])}")
     table = index.sort_values("row").reset_index(drop=True) if "row" in index.columns else index.reset_index(drop=True)
     table = table.rename(columns={"subject": "participant"}).drop(columns=["row"], errors="ignore")
-    split_of = {} if splits is None else dict(zip(splits["scan"].astype(str), splits["split"].astype(str)))
-    table["split"] = [split_of.get(s, NOT_IN_SPLIT) for s in table["scan"].astype(str)]
-    table["icv_ml"] = [float(confounds[s]["icv_ml"]) for s in table["scan"]]
+    if splits is not None:
+        split_of = dict(zip(splits["scan"].astype(str), splits["split"].astype(str)))
+        table["split"] = [split_of.get(s, NOT_IN_SPLIT) for s in table["scan"].astype(str)]
+    table["brain_volume_ml"] = [float(confounds[s]["brain_volume_ml"]) for s in table["scan"]]
     table["affine_scale"] = [float(confounds[s]["affine_scale"]) for s in table["scan"]]
+    given = pd.to_numeric(table["icv_ml"], errors="coerce") if "icv_ml" in table.columns else \
+        pd.Series(np.nan, index=table.index)
+    has = (given > 0).to_numpy()
+    table["tiv_ml"] = np.where(has, given.to_numpy(dtype=float), table["brain_volume_ml"].to_numpy())
+    table["tiv_source"] = np.where(has, "participants icv_ml", "qc brain_volume_ml")
     lead = [c for c in ("scan", "scan_key", "dataset", "participant", "session", "run", "label", "split",
-                        "icv_ml", "affine_scale") if c in table.columns]
+                        "tiv_ml", "tiv_source", "brain_volume_ml", "affine_scale") if c in table.columns]
     return table[lead + [c for c in table.columns if c not in lead]]
 
 
@@ -124,43 +128,6 @@ def read_scan_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     for column in NUMERIC_COLUMNS:
         if column in table.columns:
             table[column] = pd.to_numeric(table[column].replace({"n/a": ""}), errors="coerce").astype(float)
-    return table
-
-
-def analysed_scans(scans: pd.DataFrame, include_splits: Sequence[str], *, label: str = "label") -> pd.DataFrame:
-    """The scans that enter classification: VAE split in ``include_splits`` and a non-empty label."""
-    if label not in scans.columns:
-        raise AnalysisError("analysis table", f"label column '{label}' not in the table "
-                                              f"(columns: {', '.join(map(str, scans.columns))})")
-    keep = scans["split"].astype(str).isin(list(include_splits))
-    keep &= ~scans[label].astype(str).isin(["", "n/a"])
-    out = scans[keep].reset_index(drop=True)
-    if out.empty:
-        raise AnalysisError("analysis table", f"no scan with a '{label}' value in split(s) {', '.join(include_splits)}")
-    return out
-
-
-def outer_folds_step(
-    scans: pd.DataFrame,
-    out_tsv: str | os.PathLike[str],
-    *,
-    label: str,
-    positive: str | None,
-    n_splits: int,
-    n_repeats: int,
-    seed: int,
-) -> pd.DataFrame:
-    """Participant-level outer folds of the analysed scans, written once and reused by every job.
-
-    Every feature set and model is then scored on exactly the same test participants (paired).
-    """
-    labels = scans[label].astype(str).to_numpy()
-    groups = participant_groups(scans)
-    check_labels(labels, groups, datasets=scans["dataset"].astype(str).to_numpy(), positive=positive,
-                 label_name=label)
-    folds = make_outer_folds(labels, groups, n_splits=n_splits, n_repeats=n_repeats, seed=seed)
-    table = folds_to_table(folds, groups)
-    write_tsv(table, out_tsv)
     return table
 
 
@@ -186,32 +153,10 @@ def feature_set(
         X, index = load_voxel_matrix(voxels, voxel_index)
         return FeatureSet("voxels_pca", align_rows(scans, index, X, what=str(voxels)), pca_components=pca_components)
     if kind == "confounds":
-        return confound_matrix(scans)
+        from brainvae.analysis.tasks import CONFOUNDS
+
+        return confound_features(scans, list(CONFOUNDS), name="confounds")
     raise AnalysisError("feature set", f"unknown kind {kind!r}; choose latents, voxels_pca or confounds")
-
-
-def classification_step(
-    scans: pd.DataFrame,
-    folds: pd.DataFrame,
-    features: FeatureSet,
-    out_dir: str | os.PathLike[str],
-    *,
-    label: str,
-    positive: str | None,
-    model: str | None = None,
-    n_permutations: int = 0,
-    ci: str = "corrected_t",
-    **settings: Any,
-) -> dict[str, Path]:
-    """Nested CV of ``features`` on the precomputed outer ``folds``; every table and figure to ``out_dir``.
-
-    ``settings``: classifiers, n_splits, n_repeats, n_inner, seed, permutation_classifiers,
-    n_estimators, param_grids, n_jobs (see :func:`~brainvae.analysis.classify.run_classification`).
-    """
-    outer = folds_from_table(folds, participant_groups(scans))
-    result = run_classification(scans, [features], label=label, positive=positive, folds=outer,
-                                n_permutations=n_permutations, **settings)
-    return write_classification_outputs(result, out_dir, model=model, meta=scans, ci=ci)
 
 
 def site_check_step(
@@ -269,46 +214,6 @@ def _gather(dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, pd.Da
     summary = pd.concat(summaries, ignore_index=True)
     perm = pd.concat(perms, ignore_index=True) if perms else pd.DataFrame()
     return summary, perm
-
-
-def classification_tables(
-    classification_dirs: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    summary_png: str | os.PathLike[str],
-    *,
-    label: str,
-    positive: str | None,
-) -> dict[str, Path]:
-    """Classification per model × feature set × classifier in one table (``classification.{tsv,md,html}``
-    in ``out_dir``) and one ROC AUC figure of them all.
-
-    ``classification_dirs``: output folders of :func:`classification_step` (their ``summary.tsv``
-    and ``permutations.tsv`` are read), in the order of the table's rows. Baseline rows (no model
-    column) get model ``(none)``.
-    """
-    out = Path(out_dir)
-    summary, perm = _gather(classification_dirs)
-    wide = classification_table(summary, perm if len(perm) else None)
-    ci_method = str(summary["ci_method"].iloc[0]) if len(summary) else ""
-    binary = positive is not None
-    metrics = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity") if binary else ("balanced_accuracy",
-                                                                                            "roc_auc", "f1")
-    written = write_table(
-        wide, out / "classification.tsv", out / "classification.md",
-        formatted=format_classification_table(wide, metrics=metrics),
-        html_path=out / "classification.html", title=f"Classification of '{label}'",
-        caption=f"Label '{label}'" + (f", positive class '{positive}'" if binary else "") + ". The same "
-                f"participant-grouped outer folds for every model and feature set; mean ± sd over outer folds "
-                f"[95% CI, {ci_method}]; p: permutation test (labels permuted among participants, the whole nested "
-                f"CV rerun). Model '{NO_MODEL}': baselines that use no VAE.")
-    paths = {f"classification_{k}": v for k, v in written.items()}
-    shown = summary.assign(feature_set=[fs if m == NO_MODEL else f"{m}: {fs}"
-                                        for m, fs in zip(summary["model"], summary["feature_set"])])
-    metric = "roc_auc" if binary else "balanced_accuracy"
-    paths["summary_png"] = plot_metric_summary(shown, summary_png, metric=metric, chance=0.5 if binary else None,
-                                               title=f"{metric.replace('_', ' ')} for '{label}' (mean and CI over "
-                                                     "outer folds)")
-    return paths
 
 
 def site_check_tables(site_check_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]

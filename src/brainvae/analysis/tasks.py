@@ -21,7 +21,7 @@ from brainvae.errors import ConfigError
 
 __all__ = ["CLASSIFICATION_ESTIMATORS", "CONFOUNDS", "METRICS", "MISSING", "REGRESSION_ESTIMATORS", "Task",
            "TaskKind", "TaskPlan", "encode_target", "estimators_for", "feature_sets_for", "parse_tasks", "plan_tasks",
-           "resolve_column", "task_rows"]
+           "resolve_column", "task_from_dict", "task_rows", "task_to_dict"]
 
 
 class TaskKind(str, Enum):
@@ -308,3 +308,19 @@ def parse_tasks_config(settings: Mapping[str, Mapping[str, Any]], *, key: str = 
         return parse_tasks(settings, where=key)
     except AnalysisError as error:
         raise ConfigError(str(error)) from error
+
+
+def task_to_dict(task: Task) -> dict[str, Any]:
+    """A plain mapping of ``task`` (for Snakemake params and settings files); :func:`task_from_dict` reverses it."""
+    return {"name": task.name, "column": task.column, "kind": task.kind.value,
+            "where": {c: list(v) for c, v in task.where.items()}, "positive": task.positive,
+            "levels": list(task.levels), "hold_out_external": task.hold_out_external, "required": task.required,
+            "source": task.source}
+
+
+def task_from_dict(data: Mapping[str, Any]) -> Task:
+    return Task(name=str(data["name"]), column=str(data["column"]), kind=TaskKind(data["kind"]),
+                where={str(c): tuple(map(str, v)) for c, v in (data.get("where") or {}).items()},
+                positive=data.get("positive"), levels=tuple(map(str, data.get("levels") or ())),
+                hold_out_external=bool(data.get("hold_out_external", True)), required=bool(data.get("required", True)),
+                source=str(data.get("source") or ""))
