@@ -85,7 +85,7 @@ def test_tasks_step_scores_every_task_and_feature_set_in_cv_and_on_the_external_
                            voxels=root / "voxels.npy", voxel_index=root / "voxels_index.tsv", voxel_pca_components=3,
                            **FAST)
     result = pd.read_csv(model["results"], sep="\t")
-    assert list(result.columns) == list(RESULT_COLUMNS)
+    assert list(result.columns) == [*RESULT_COLUMNS, "note"] and result["note"].isna().all()
     assert set(result["evaluated_on"]) == {"cv", "ABCDS"} and set(result["split_used"]) == {"none"}
     ds = result[(result["task"] == "ds_vs_euploid") & (result["feature_set"] == "latents")].set_index("evaluated_on")
     assert ds.loc["cv", "metric"] == "auc" and ds.loc["cv", "score"] > 0.85 and ds.loc["cv", "p_perm"] < 0.05
@@ -129,3 +129,27 @@ def test_training_scans_when_asked_are_said_so(inputs, tmp_path):
     assert result.loc[result["evaluated_on"] == "cv", "split_used"].item() == "none,train"
     paths = tasks_tables([out["results"]], [out["predictions"]], tmp_path / "t", {}, {})
     assert "split train" in paths["md"].read_text()
+
+
+def test_a_task_the_scans_cannot_support_is_left_out_with_a_note_unless_required(inputs, tmp_path):
+    root, table, latents, _ = inputs
+    scans = select_scans(table, [latents[["scan", "split"]]], ["none"])
+    only_ds = scans[scans["label"] == "DS"]
+    optional = [task_to_dict(TASKS[0]) | {"required": False}, task_to_dict(TASKS[2])]
+    out = tasks_step(only_ds, optional, tmp_path / "a", feature_sets=["latents"], model="vae",
+                     latents=root / "latents.parquet", **{**FAST, "n_permutations": 0, "n_bootstrap": 0})
+    result = pd.read_csv(out["results"], sep="\t")
+    note = result[result["task"] == "ds_vs_euploid"]
+    assert len(note) == 1 and "needs two classes" in note["note"].item() and note["score"].isna().all()
+    paths = tasks_tables([out["results"]], [out["predictions"]], tmp_path / "t",
+                         {"ds_vs_euploid": tmp_path / "ds.png"}, {})
+    assert (tmp_path / "ds.png").exists() and "Left out: ds_vs_euploid" in paths["md"].read_text()
+    assert len(pd.read_csv(paths["tsv"], sep="\t")) == len(result) - 1
+    with pytest.raises(AnalysisError, match="needs two classes"):
+        tasks_step(only_ds, TASKS[:1], tmp_path / "b", feature_sets=["latents"], model="vae",
+                   latents=root / "latents.parquet", **FAST)
+    empty = select_scans(table, [latents[["scan", "split"]]], ["test"], allow_empty=True)
+    out = tasks_step(empty, optional[:1], tmp_path / "c", feature_sets=["latents", "voxels_pca"], model="vae",
+                     latents=root / "latents.parquet", voxels=root / "voxels.npy",
+                     voxel_index=root / "voxels_index.tsv", **FAST)
+    assert "left out" in pd.read_csv(out["results"], sep="\t")["note"].item()

@@ -260,3 +260,6 @@ def test_too_few_participants_is_an_error_for_required_tasks_and_a_note_otherwis
         plan_tasks(DEFAULT_TASKS, no_analysed, datasets)
     with pytest.raises(ConfigError, match="analysis.external_datasets: 'IXI' is not a dataset with role analyse"):
         plan_tasks(DEFAULT_TASKS, samples, datasets, external_datasets=["IXI"])
+    enough, _ = _samples(n_per_class=9)
+    plan = plan_tasks(DEFAULT_TASKS, enough, datasets, external_datasets=["ABCD"])
+    assert len(plan.tasks) == 3 and plan.notes == ["external dataset ABCD is not configured: nothing is held out for it"]

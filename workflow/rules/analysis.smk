@@ -1,92 +1,80 @@
-# Analysis: PCA of latents (and of voxels), classification with nested cross-validation against
-# baselines on the same participant-grouped folds, a site check, and the report's tables.
+# Analysis: PCA of latents (and of voxels), the prediction tasks (analysis.tasks: DS vs euploid, AD stage, brain
+# age, ...) with nested participant-grouped cross-validation of each model's latents against baselines (voxel PCA,
+# confounds) and external validation, a site check, and the report's tables.
 # Needs MODELS (vae.smk) and COHORT_SCANS (cohort.smk).
+#
+# Which scans: those of datasets with role analyse or both whose split in the model analysed (its own splits.tsv)
+# is in analysis.splits (default [none]: scans the model never saw); baselines take the scans in the selection of
+# every model (brainvae.analysis.task_steps.select_scans).
 
 from math import prod
 
 from brainvae.analysis.names import MIN_PARTICIPANTS_PER_CLASS, classification_output_files, pca_output_files
-from brainvae.errors import ConfigError
+from brainvae.analysis.tasks import BASELINE_FEATURE_SETS, MODEL_FEATURE_SETS, plan_tasks, task_to_dict
 from brainvae.resample import GRIDS
 
 ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{OUT}/analysis"
 TABLES_DIR = f"{OUT}/tables"
-LABEL = ANALYSIS["label_column"] or "label"
-if LABEL not in SAMPLES.columns:
-    raise ConfigError(
-        f"config key analysis.label_column: column {LABEL!r} is not in the samples table "
-        f"(add it to the datasets' covariates; columns: {', '.join(SAMPLES.columns)})"
-    )
-# Participants per class of the label among the cohort's scans (before the analysis.splits filter).
-COHORT_PARTICIPANTS = (
-    SAMPLES.loc[COHORT_SCANS]
-    .loc[lambda t: ~t[LABEL].astype(str).isin(["", "n/a"])]
-    .drop_duplicates(["dataset", "subject"])
-    .groupby(LABEL)
-    .size()
+# Checked when the DAG is built: a positive class or level no dataset has, a task column missing from the samples
+# table, too few participants (tasks with required: true) raise ConfigError naming the key; tasks with
+# required: false are left out with a note.
+TASK_PLAN = plan_tasks(ANALYSIS["tasks"], SAMPLES.loc[COHORT_SCANS], config["datasets"],
+                       external_datasets=ANALYSIS["external_datasets"])
+if workflow.is_main_process:
+    for note in TASK_PLAN.notes:
+        print(f"brainvae: analysis: {note}", file=sys.stderr)
+TASKS = [task_to_dict(t) for t in TASK_PLAN.tasks]
+TASK_NAMES = [t["name"] for t in TASKS]
+MODEL_SETS = [f for f in ANALYSIS["feature_sets"] if f in MODEL_FEATURE_SETS]
+BASELINE_SETS = [f for f in ANALYSIS["feature_sets"] if f in BASELINE_FEATURE_SETS]
+# Keyword arguments of brainvae.analysis.task_steps.tasks_step.
+TASK_SETTINGS = dict(
+    estimators=ANALYSIS["estimators"],
+    alphas=ANALYSIS["ridge_alphas"],
+    n_splits=ANALYSIS["outer_folds"],
+    n_repeats=ANALYSIS["outer_repeats"],
+    n_inner=ANALYSIS["inner_folds"],
+    seed=ANALYSIS["seed"],
+    n_permutations=ANALYSIS["permutations"],
+    n_bootstrap=ANALYSIS["bootstrap"],
+    confidence=ANALYSIS["confidence"],
+    external_datasets=ANALYSIS["external_datasets"],
+    n_estimators=ANALYSIS["random_forest_trees"],
+    grids=ANALYSIS["grids"],
+    voxel_pca_components=ANALYSIS["voxel_pca_components"],
 )
-COHORT_LABELS = sorted(COHORT_PARTICIPANTS.index.astype(str))
-# Decided when the DAG is built: a label with one class (e.g. euploid training data only), or a class with
-# fewer participants than nested CV needs, has nothing to classify; a site check needs two datasets.
-# Both are then left out with a message, not failed.
-CLASSIFY = len(COHORT_LABELS) >= 2 and COHORT_PARTICIPANTS.min() >= MIN_PARTICIPANTS_PER_CLASS
-BINARY = len(COHORT_LABELS) == 2
-POSITIVE = ANALYSIS["positive_class"] if BINARY else None
+TASK_RESULT_DIRS = [f"{ANALYSIS_DIR}/models/{m}/tasks" for m in (MODELS if MODEL_SETS else [])] + (
+    [f"{ANALYSIS_DIR}/baselines/tasks"] if BASELINE_SETS else [])
 SITE_PARTICIPANTS = SAMPLES.loc[COHORT_SCANS].groupby("dataset")["subject"].nunique()
 SITES = sorted(SITE_PARTICIPANTS.index.astype(str))
 SITE_CHECK = ANALYSIS["site_check"] and len(SITES) >= 2 and SITE_PARTICIPANTS.min() >= MIN_PARTICIPANTS_PER_CLASS
-if not CLASSIFY:
-    counts = ", ".join(f"{label}: {n}" for label, n in COHORT_PARTICIPANTS.items()) or "no labelled scans"
-    print(f"brainvae: analysis: classification of {LABEL!r} is skipped: it needs two or more classes with at "
-          f"least {MIN_PARTICIPANTS_PER_CLASS} participants each ({counts})", file=sys.stderr)
-BASELINES = [f for f in ANALYSIS["feature_sets"] if f != "latents"]
-MODELS_CLASSIFIED = list(MODELS) if "latents" in ANALYSIS["feature_sets"] else []
-# Permutation tests only for classifiers that are run at all.
-PERMUTATION_CLASSIFIERS = [c for c in ANALYSIS["permutation_classifiers"] if c in ANALYSIS["classifiers"]]
-# Keyword arguments of brainvae.analysis.steps.classification_step, per feature set.
-CLASSIFICATION_SETTINGS = {
-    features: dict(
-        classifiers=ANALYSIS["classifiers"],
-        n_splits=ANALYSIS["outer_folds"],
-        n_repeats=ANALYSIS["outer_repeats"],
-        n_inner=ANALYSIS["inner_folds"],
-        seed=ANALYSIS["seed"],
-        n_permutations=ANALYSIS["permutations"] if features in ANALYSIS["permutation_feature_sets"] else 0,
-        permutation_classifiers=PERMUTATION_CLASSIFIERS,
-        n_estimators=ANALYSIS["random_forest_trees"],
-        param_grids=ANALYSIS["grids"],
-    )
-    for features in ("latents", "voxels_pca", "confounds")
-}
 SITE_CHECK_SETTINGS = dict(
-    CLASSIFICATION_SETTINGS["latents"], classifiers=ANALYSIS["site_check_classifiers"], n_permutations=0,
-    permutation_classifiers=None,
+    classifiers=ANALYSIS["site_check_classifiers"],
+    n_splits=ANALYSIS["outer_folds"],
+    n_repeats=ANALYSIS["outer_repeats"],
+    n_inner=ANALYSIS["inner_folds"],
+    seed=ANALYSIS["seed"],
+    n_estimators=ANALYSIS["random_forest_trees"],
+    param_grids=ANALYSIS["grids"],
 )
 # Memory of the voxel jobs: the scans x voxels float32 matrix, a training-set copy and the PCA's work.
 VOXEL_JOB_MB = 1000 + int(3 * 4 * len(COHORT_SCANS) * prod(GRIDS[GRID].shape) / ANALYSIS["voxel_downsample"] ** 3 / 1e6)
-# Report captions of the classification figures and tables, by kind (see brainvae.analysis.names).
-CLASSIFICATION_CAPTIONS = {
-    "table": "../report/classification.rst",
-    "summary": "../report/classification.rst",
+# Report captions of the site check's figures and tables, by kind (see brainvae.analysis.names).
+SITE_CHECK_CAPTIONS = {
+    "table": "../report/site_check.rst",
+    "summary": "../report/site_check.rst",
     "confusion matrix": "../report/confusion_matrix.rst",
     "ROC curves": "../report/roc_curves.rst",
 }
-SITE_CHECK_CAPTIONS = {**CLASSIFICATION_CAPTIONS, "table": "../report/site_check.rst", "summary": "../report/site_check.rst"}
 PCA_CAPTIONS = {"PC1 vs PC2": "../report/pca_{data}.rst", "explained variance": "../report/pca_explained_variance.rst"}
-# Folders of every classification job, models first then baselines (the combined table's row order).
-CLASSIFICATION_DIRS = [f"{ANALYSIS_DIR}/models/{m}/classification" for m in MODELS_CLASSIFIED] + [
-    f"{ANALYSIS_DIR}/baselines/{b}/classification" for b in BASELINES
-]
-
-
-wildcard_constraints:
-    baseline="voxels_pca|confounds",
+# The PCA figures are coloured by each task's column too.
+TASK_COLUMNS = list(dict.fromkeys(t["source"] for t in TASKS))
 
 
 rule analysis_scans:
     input:
         index=rules.cohort_array.output.index,
-        splits=rules.cohort_splits.output[0],
         qc=each_scan_file("qc_metrics", COHORT_SCANS),
         xfm=each_scan_file("xfm_info", COHORT_SCANS),
     output:
@@ -103,30 +91,6 @@ rule analysis_scans:
         "../../envs/analysis.yaml"
     script:
         "../scripts/analysis_scans.py"
-
-
-rule analysis_folds:
-    input:
-        rules.analysis_scans.output[0],
-    output:
-        f"{ANALYSIS_DIR}/outer_folds.tsv",
-    log:
-        f"{LOGS}/analysis/folds.log",
-    params:
-        label=LABEL,
-        positive=POSITIVE,
-        splits=ANALYSIS["splits"],
-        n_splits=ANALYSIS["outer_folds"],
-        n_repeats=ANALYSIS["outer_repeats"],
-        seed=ANALYSIS["seed"],
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../../envs/analysis.yaml"
-    script:
-        "../scripts/analysis_folds.py"
 
 
 rule analysis_voxels:
@@ -169,7 +133,7 @@ rule analysis_pca_latents:
     params:
         kind="latents",
         title=lambda wildcards: f"PCA of the latent means, model {wildcards.model}",
-        label=LABEL,
+        color_by=TASK_COLUMNS,
         n_components=ANALYSIS["pca_components"],
     threads: 1
     resources:
@@ -199,7 +163,7 @@ rule analysis_pca_voxels:
     params:
         kind="voxels",
         title="PCA of the preprocessed voxels (baseline)",
-        label=LABEL,
+        color_by=TASK_COLUMNS,
         n_components=ANALYSIS["pca_components"],
     threads: 1
     resources:
@@ -211,75 +175,56 @@ rule analysis_pca_voxels:
         "../scripts/analysis_pca.py"
 
 
-rule analysis_classify_latents:
+rule analysis_tasks_latents:
     input:
         scans=rules.analysis_scans.output[0],
-        folds=rules.analysis_folds.output[0],
+        # Carries this model's own split of every scan (from its splits.tsv).
         latents=rules.encode_latents.output[0],
     output:
-        **classification_output_files(
-            f"{ANALYSIS_DIR}/models/{{model}}/classification",
-            "latents",
-            ANALYSIS["classifiers"],
-            binary=BINARY,
-            mark=lambda path, kind, classifier: report(
-                path, caption=CLASSIFICATION_CAPTIONS[kind], category="Classification", subcategory="{model}",
-                labels={"features": "latents", "classifier": classifier, "figure": kind}),
-        ),
+        results=f"{ANALYSIS_DIR}/models/{{model}}/tasks/results.tsv",
+        predictions=f"{ANALYSIS_DIR}/models/{{model}}/tasks/predictions.tsv",
     log:
-        f"{LOGS}/analysis/classify_latents/{{model}}.log",
+        f"{LOGS}/analysis/tasks_latents/{{model}}.log",
     params:
-        kind="latents",
-        label=LABEL,
-        positive=POSITIVE,
+        tasks=TASKS,
+        feature_sets=MODEL_SETS,
         splits=ANALYSIS["splits"],
-        settings=CLASSIFICATION_SETTINGS["latents"],
-        ci=ANALYSIS["ci"],
-    threads: ANALYSIS["threads"]
+        settings=TASK_SETTINGS,
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
     conda:
         "../../envs/analysis.yaml"
     script:
-        "../scripts/analysis_classify.py"
+        "../scripts/analysis_tasks.py"
 
 
-rule analysis_classify_baseline:
+rule analysis_tasks_baselines:
     input:
         scans=rules.analysis_scans.output[0],
-        folds=rules.analysis_folds.output[0],
-        # Only the voxel baseline reads the voxel matrix.
-        voxels=lambda wildcards: rules.analysis_voxels.output.voxels if wildcards.baseline == "voxels_pca" else [],
-        voxel_index=lambda wildcards: rules.analysis_voxels.output.index if wildcards.baseline == "voxels_pca" else [],
+        # Every model's splits: baselines take the scans in the selection of every model.
+        splits=expand(rules.train_vae.output.splits, model=MODELS),
+        voxels=rules.analysis_voxels.output.voxels if "voxels_pca" in BASELINE_SETS else [],
+        voxel_index=rules.analysis_voxels.output.index if "voxels_pca" in BASELINE_SETS else [],
     output:
-        **classification_output_files(
-            f"{ANALYSIS_DIR}/baselines/{{baseline}}/classification",
-            "{baseline}",
-            ANALYSIS["classifiers"],
-            binary=BINARY,
-            mark=lambda path, kind, classifier: report(
-                path, caption=CLASSIFICATION_CAPTIONS[kind], category="Classification", subcategory="baselines",
-                labels={"features": "{baseline}", "classifier": classifier, "figure": kind}),
-        ),
+        results=f"{ANALYSIS_DIR}/baselines/tasks/results.tsv",
+        predictions=f"{ANALYSIS_DIR}/baselines/tasks/predictions.tsv",
     log:
-        f"{LOGS}/analysis/classify_baseline/{{baseline}}.log",
+        f"{LOGS}/analysis/tasks_baselines.log",
     params:
-        kind=lambda wildcards: wildcards.baseline,
-        label=LABEL,
-        positive=POSITIVE,
+        tasks=TASKS,
+        feature_sets=BASELINE_SETS,
         splits=ANALYSIS["splits"],
-        settings=lambda wildcards: CLASSIFICATION_SETTINGS[wildcards.baseline],
-        voxel_pca_components=ANALYSIS["voxel_pca_components"],
-        ci=ANALYSIS["ci"],
-    threads: ANALYSIS["threads"]
+        settings=TASK_SETTINGS,
+    threads: 1
     resources:
-        mem_mb=lambda wildcards: VOXEL_JOB_MB if wildcards.baseline == "voxels_pca" else 2000,
+        mem_mb=VOXEL_JOB_MB if "voxels_pca" in BASELINE_SETS else 2000,
         runtime=60,
     conda:
         "../../envs/analysis.yaml"
     script:
-        "../scripts/analysis_classify.py"
+        "../scripts/analysis_tasks.py"
 
 
 rule analysis_site_check:
@@ -333,22 +278,28 @@ rule analysis_reconstruction_table:
         "../scripts/analysis_reconstruction_table.py"
 
 
-rule analysis_classification_tables:
+rule analysis_tasks_table:
     input:
-        [f"{d}/summary.tsv" for d in CLASSIFICATION_DIRS],
+        results=[f"{d}/results.tsv" for d in TASK_RESULT_DIRS],
+        predictions=[f"{d}/predictions.tsv" for d in TASK_RESULT_DIRS],
     output:
         tsv=f"{TABLES_DIR}/classification.tsv",
         md=f"{TABLES_DIR}/classification.md",
         html=report(f"{TABLES_DIR}/classification.html", caption="../report/table_classification.rst",
-                    category="Tables", labels={"table": "classification per model, feature set and classifier"}),
-        overview=report(f"{ANALYSIS_DIR}/classification_overview.png", caption="../report/classification_overview.rst",
-                        category="Tables", labels={"table": "classification overview (figure)"}),
+                    category="Tables", labels={"table": "prediction tasks: every model, feature set and estimator"}),
+        task_tables=[report(f"{TABLES_DIR}/tasks/{t}.html", caption="../report/task_table.rst",
+                            category="Prediction tasks", subcategory=t, labels={"task": t, "figure": "table"})
+                     for t in TASK_NAMES],
+        figures=[report(f"{ANALYSIS_DIR}/tasks/{t['name']}.png", caption="../report/task_figure.rst",
+                        category="Prediction tasks", subcategory=t["name"],
+                        labels={"task": t["name"],
+                                "figure": "ROC curves" if t["kind"] == "binary" else "predicted vs true"})
+                 for t in TASKS],
     log:
-        f"{LOGS}/analysis/classification_tables.log",
+        f"{LOGS}/analysis/tasks_table.log",
     params:
-        dirs=CLASSIFICATION_DIRS,
-        label=LABEL,
-        positive=POSITIVE,
+        tables_dir=TABLES_DIR,
+        tasks=TASK_NAMES,
     threads: 1
     resources:
         mem_mb=1000,
@@ -356,7 +307,7 @@ rule analysis_classification_tables:
     conda:
         "../../envs/analysis.yaml"
     script:
-        "../scripts/analysis_classification_tables.py"
+        "../scripts/analysis_tasks_table.py"
 
 
 rule analysis_site_check_table:
@@ -387,11 +338,7 @@ ANALYSIS_TARGETS = [
     *rules.analysis_pca_voxels.output,
     *rules.analysis_reconstruction_table.output,
 ]
-if CLASSIFY:
-    ANALYSIS_TARGETS += [
-        *expand(rules.analysis_classify_latents.output, model=MODELS_CLASSIFIED),
-        *expand(rules.analysis_classify_baseline.output, baseline=BASELINES),
-        *rules.analysis_classification_tables.output,
-    ]
+if TASKS and TASK_RESULT_DIRS:
+    ANALYSIS_TARGETS += [*rules.analysis_tasks_table.output]
 if SITE_CHECK:
     ANALYSIS_TARGETS += [*expand(rules.analysis_site_check.output, model=MODELS), *rules.analysis_site_check_table.output]

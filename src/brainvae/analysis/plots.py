@@ -18,6 +18,7 @@ from brainvae.io import atomic_path
 __all__ = [
     "plot_confusion",
     "plot_explained_variance",
+    "plot_message",
     "plot_metric_summary",
     "plot_pca_scatter",
     "plot_roc",
@@ -275,4 +276,16 @@ def plot_task_figure(predictions: pd.DataFrame, out_png: str | os.PathLike[str],
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_message(out_png: str | os.PathLike[str], title: str, message: str) -> Path:
+    """A figure holding only a message (a declared figure of something that was left out, and why)."""
+    import textwrap
+
+    fig = _figure(6.0, 2.0)
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 90)), ha="center", va="center", fontsize=8, wrap=True)
+    ax.set_title(title, fontsize=11)
     return _save(fig, out_png)

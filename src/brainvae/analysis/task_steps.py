@@ -42,12 +42,13 @@ NOT_IN_SPLIT = "none"
 NO_MODEL = "(none)"
 
 
-def select_scans(scans: pd.DataFrame, split_tables: Sequence[pd.DataFrame], include_splits: Sequence[str]
-                 ) -> pd.DataFrame:
+def select_scans(scans: pd.DataFrame, split_tables: Sequence[pd.DataFrame], include_splits: Sequence[str], *,
+                 allow_empty: bool = False) -> pd.DataFrame:
     """The analysed scans: datasets with role analyse/both (column ``analyse``), split in every table
     of ``split_tables`` (scan, split; a scan absent is ``none``) among ``include_splits``.
 
-    The result's ``split`` column holds the scan's split (``a/b`` when the tables disagree).
+    The result's ``split`` column holds the scan's split (``a/b`` when the tables disagree). No scan
+    left is an error unless ``allow_empty``.
     """
     if not split_tables:
         raise AnalysisError("analysed scans", "no split table given (one per model)")
@@ -62,7 +63,7 @@ def select_scans(scans: pd.DataFrame, split_tables: Sequence[pd.DataFrame], incl
         per_table.append(splits)
     combined = ["/".join(dict.fromkeys(values)) for values in zip(*per_table)]
     out = scans.drop(columns=["split"], errors="ignore").assign(split=combined)[keep].reset_index(drop=True)
-    if out.empty:
+    if out.empty and not allow_empty:
         raise AnalysisError("analysed scans", f"no scan of a dataset with role analyse or both has a split in "
                                               f"{', '.join(include_splits)} (analysis.splits)")
     return out
@@ -126,21 +127,31 @@ def tasks_step(
 
     ``scans``: the analysed scans (:func:`select_scans`). External datasets' scans are never in the
     cross-validation: each estimator is fitted on all cross-validated scans and applied to them unchanged.
+    A task with ``required: false`` that these scans cannot support (one class, too few participants)
+    gets one row with only its ``note`` filled; a required one raises.
     """
     out = Path(out_dir)
     scans = scans.reset_index(drop=True)
     L = V = None
-    if latents is not None:
+    if len(scans) and latents is not None:
         table = load_latents(latents, required=("scan", "dataset", "participant"))
         L = np.asarray(align_rows(scans, table, latent_matrix(table), what=str(latents)), dtype=np.float64)
-    if voxels is not None and any(f == "voxels_pca" for f in feature_sets):
+    if len(scans) and voxels is not None and any(f == "voxels_pca" for f in feature_sets):
         X, index = load_voxel_matrix(voxels, voxel_index)
         V = row_space(align_rows(scans, index, X, what=str(voxels)))
     position = pd.Series(np.arange(len(scans)), index=scans["scan"].astype(str))
-    rows, predictions = [], []
+    rows, predictions, notes = [], [], []
     for task in (t if isinstance(t, Task) else task_from_dict(t) for t in tasks):
-        data = prepare_task(task, scans, external_datasets=external_datasets, n_splits=n_splits, n_repeats=n_repeats,
-                            n_inner=n_inner, seed=seed)
+        try:
+            data = prepare_task(task, scans, external_datasets=external_datasets, n_splits=n_splits,
+                                n_repeats=n_repeats, n_inner=n_inner, seed=seed)
+        except AnalysisError as error:
+            if task.required:
+                raise
+            # required: false: left out when the analysed scans cannot support it (e.g. one class only).
+            notes.append({"task": task.name, "kind": task.kind.value, "model": model or NO_MODEL,
+                          "note": f"left out: {error}"})
+            continue
         cv_at = position.loc[data.scans["scan"].astype(str)].to_numpy()
         ext_at = position.loc[data.external["scan"].astype(str)].to_numpy()
         evaluated_ext = "+".join(sorted(set(data.external["dataset"].astype(str)))) if len(ext_at) else ""
@@ -160,11 +171,9 @@ def tasks_step(
             predictions.append(cv_preds.assign(**tag, evaluated_on="cv"))
             if len(ext_preds):
                 predictions.append(ext_preds.assign(**tag, evaluated_on=evaluated_ext))
-    if not rows:
-        raise AnalysisError("tasks", "no task and feature set to evaluate")
-    result = pd.DataFrame(rows)[list(RESULT_COLUMNS)]
-    preds = pd.concat(predictions, ignore_index=True)
+    result = pd.DataFrame(rows + notes, columns=[*RESULT_COLUMNS, "note"])
     lead = ["task", "model", "feature_set", "classifier", "evaluated_on"]
+    preds = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=lead)
     preds = preds[lead + [c for c in preds.columns if c not in lead]]
     return {"results": write_tsv(result, out / "results.tsv"), "predictions": write_tsv(preds, out / "predictions.tsv")}
 
@@ -229,11 +238,18 @@ def tasks_tables(
     predictions of the first estimator, one curve or panel per feature set."""
     from brainvae.analysis.plots import plot_task_figure
 
+    from brainvae.analysis.plots import plot_message
+
     out = Path(tables_dir)
-    table = pd.concat([_read(p) for p in result_files], ignore_index=True)
+    every = pd.concat([_read(p) for p in result_files], ignore_index=True)
     preds = pd.concat([_read(p) for p in prediction_files], ignore_index=True)
+    left_out = every["metric"].isna() if "metric" in every.columns else pd.Series(False, index=every.index)
+    notes = every[left_out.to_numpy()]
+    table = every[~left_out.to_numpy()].reset_index(drop=True).drop(columns=["note"], errors="ignore")
     shown = format_tasks_table(table)
     caption = _caption([s for v in table["split_used"].astype(str) for s in v.replace("/", ",").split(",")])
+    if len(notes):
+        caption += " Left out: " + "; ".join(sorted({f"{r.task} ({r.note})" for r in notes.itertuples()})) + "."
     paths = {"tsv": write_tsv(table, out / "classification.tsv"),
              "md": atomic_write_text(f"{caption}\n\n{to_markdown(shown)}", out / "classification.md"),
              "html": atomic_write_text(to_html(shown, title="Prediction tasks", caption=caption),
@@ -246,7 +262,9 @@ def tasks_tables(
         part = preds[(preds["task"] == task) & (preds["evaluated_on"] == "cv")]
         kinds = table.loc[table["task"] == task, "kind"]
         if part.empty or kinds.empty:
-            raise AnalysisError(f"task {task}", "no predictions to plot")
+            reasons = sorted(set(notes.loc[notes["task"] == task, "note"].astype(str))) or ["no predictions"]
+            paths[f"figure_{task}"] = plot_message(path, f"Task {task}", "; ".join(reasons))
+            continue
         part = part[part["classifier"] == part["classifier"].iloc[0]]
         paths[f"figure_{task}"] = plot_task_figure(part, path, kind=str(kinds.iloc[0]), title=f"Task {task}")
     return paths

@@ -222,6 +222,9 @@ def plan_tasks(
 ) -> TaskPlan:
     """Check the configured tasks against the samples table when the DAG is built.
 
+    ``external_datasets``: names held out as external validation; one that is a configured dataset
+    without role analyse/both is an error, one that is not configured at all only a note.
+
     ``samples``: the cohort's scans (columns dataset, subject, label, analyse and the covariates);
     the analysed scans are those of datasets with role analyse or both. Raises
     :class:`~brainvae.errors.ConfigError` naming the key for a mistake in the configuration: a
@@ -232,17 +235,22 @@ def plan_tasks(
     """
     names = {str(d["name"]): d for d in datasets}
     analysed_names = [n for n, d in names.items() if d.get("role") in ("analyse", "both")]
+    notes: list[str] = []
     for name in external_datasets:
-        if name not in analysed_names:
+        if name not in names:
+            # A configuration that replaces the dataset list keeps the demo's external dataset name: not an error.
+            notes.append(f"external dataset {name} is not configured: nothing is held out for it")
+        elif name not in analysed_names:
             raise ConfigError(f"{key}.external_datasets: '{name}' is not a dataset with role analyse or both "
                               f"(those: {', '.join(analysed_names) or 'none'})")
+    external_datasets = [n for n in external_datasets if n in names]
     label_columns = sorted({str(d["label_column"]) for d in datasets if d.get("label_column")})
     declared = {str(v) for d in datasets for v in (d.get("labels") or ())}
     analyse = samples["analyse"].astype(str).isin(["True", "true", "1"]) if "analyse" in samples.columns else \
         samples["dataset"].astype(str).isin(analysed_names)
     analysed = samples[analyse.to_numpy()]
     columns = [str(c) for c in samples.columns]
-    tasks, notes = [], []
+    tasks = []
     for task in parse_tasks_config(settings, key=f"{key}.tasks"):
         where_key = f"{key}.tasks.{task.name}"
 
