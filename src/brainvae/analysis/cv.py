@@ -227,15 +227,17 @@ def permute_labels_by_group(
 
 
 def permutation_matrix(
-    values: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_permutations: int, *, seed: int = 0
+    values: Sequence | np.ndarray, groups: Sequence | np.ndarray, n_permutations: int, *, seed: int = 0,
+    blocks: Sequence | np.ndarray | None = None,
 ) -> np.ndarray:
     """(n, 1 + n_permutations): ``values`` in column 0, then permutations among participants (numpy only).
 
     Scans of one participant move together. When every participant's scans share one value (a
-    diagnosis), participants' values are permuted among all participants. When values differ within a
+    diagnosis), participants' values are permuted among participants. When values differ within a
     participant (age at each session), whole value vectors are exchanged among participants with the
     same number of scans (in their row order), so every permuted column is a relabelling of
-    participants that keeps each one's within-person pattern.
+    participants that keeps each one's within-person pattern. ``blocks`` (one id per scan, constant
+    within a participant, e.g. its outer test fold): values are permuted only within each block.
     """
     values = np.asarray(values)
     groups = np.asarray(groups)
@@ -249,27 +251,32 @@ def permutation_matrix(
         return out
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
-    per_group = values[first]
-    if np.array_equal(per_group[inverse], values):
-        order = rng.permuted(np.broadcast_to(np.arange(len(first)), (n_permutations, len(first))), axis=1)
-        out[:, 1:] = per_group[order][:, inverse].T
-        return out
-    # Values vary within participants: exchange participants of equal size, scans in row order.
+    n_groups = len(first)
+    block = np.zeros(n_groups, dtype=np.int64)
+    if blocks is not None:
+        _, block_codes = np.unique(np.asarray(blocks), return_inverse=True)
+        block = block_codes.reshape(-1)[first]
+        if not np.array_equal(block[inverse], block_codes.reshape(-1)):
+            raise AnalysisError("permutation", "a participant's scans lie in different blocks")
     sizes = np.bincount(inverse)
-    rank = np.empty(n, dtype=np.int64)  # position of each scan among its participant's scans
+    constant = np.array_equal(values[first][inverse], values)
+    # Participants are exchanged within cells of equal block (and, for values varying within participants,
+    # equal number of scans): random keys sorted within each cell give every cell a uniform permutation.
+    cell = block if constant else block * (sizes.max() + 1) + sizes
+    order = np.argsort(cell, kind="stable")  # the slots of every cell, in a fixed order
+    keys = rng.random((n_permutations, n_groups)) + cell[order][None, :]
+    donors = np.empty((n_permutations, n_groups), dtype=np.int64)
+    donors[:, order] = order[np.argsort(keys, axis=1)]  # donors[p, g]: whose values participant g receives
+    if constant:
+        out[:, 1:] = values[first][donors][:, inverse].T
+        return out
     by_group = np.argsort(inverse, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = np.empty(n, dtype=np.int64)  # position of each scan among its participant's scans
     rank[by_group] = np.arange(n) - np.repeat(starts, sizes)
-    for size in np.unique(sizes):
-        members = np.flatnonzero(sizes == size)  # participants with this many scans
-        table = np.empty((len(members), size), dtype=np.int64)  # row indices of their scans
-        local = np.full(len(sizes), -1)
-        local[members] = np.arange(len(members))
-        rows = np.flatnonzero(sizes[inverse] == size)
-        table[local[inverse[rows]], rank[rows]] = rows
-        order = rng.permuted(np.broadcast_to(np.arange(len(members)), (n_permutations, len(members))), axis=1)
-        donors = table[order]  # (P, members, size): donor participant's rows for each receiving participant
-        out[table.reshape(-1), 1:] = values[donors.reshape(n_permutations, -1)].T
+    # Scan k of participant g receives scan k of its donor (same number of scans, by construction).
+    donor_rows = starts[donors[:, inverse]] + rank[None, :]
+    out[:, 1:] = values[by_group][donor_rows].T
     return out
 
 

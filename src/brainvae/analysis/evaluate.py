@@ -3,8 +3,8 @@
 Per (feature set, estimator): out-of-fold predictions of every outer repeat; the score of a repeat
 is the metric of its pooled test predictions, the reported score the mean over repeats. The
 confidence interval resamples participants (bootstrap) and rescores the same predictions; the
-permutation test (ridge only, brainvae.analysis.ridge) reruns the whole nested CV on participant-
-permuted labels, all permutations at once. External datasets are never in the CV: each estimator
+permutation test (ridge only, brainvae.analysis.ridge) reruns the first outer repeat's whole nested CV on
+labels permuted among the participants of each of its test folds, all permutations at once. External datasets are never in the CV: each estimator
 is fitted on every CV scan (inner CV for its hyper-parameters) and applied to them unchanged.
 
 Folds (outer and inner) are made once from the observed labels (stratified, grouped by participant)
@@ -232,15 +232,25 @@ def evaluate_feature_set(
     main, second = task.metrics
     n_repeats = max(f.repeat for f in data.folds) + 1
     cv_rows, ext_rows, preds, ext_preds = [], [], [], []
+    # The permutation test reruns the first outer repeat's nested CV with labels permuted among the
+    # participants of each of its test folds: every training set keeps the observed class balance (value
+    # distribution), as in the stratified observed CV. Permuting across folds would shift training means
+    # against test folds, bias the null below chance and make p-values too small.
+    first_test_fold = np.zeros(len(data.target), dtype=np.int64)
+    for f in data.folds:
+        if f.repeat == 0:
+            first_test_fold[f.test] = f.fold
     for estimator in estimators:
         is_ridge = estimator == "ridge"
         n_perm = n_permutations if is_ridge else 0
-        labels = _label_matrix(data.target, data.groups, n_perm, seed) if n_perm else data.target[:, None]
+        labels = permutation_matrix(data.target, data.groups, n_perm, seed=seed, blocks=first_test_fold)
         oof: dict[str, np.ndarray] = {}
+        null_oof: dict[str, np.ndarray] = {}
         with threadpool_limits(limits=1):
             for f, inner in zip(data.folds, data.inner):
                 if is_ridge:
-                    out, _ = ridge_model.fit_predict(X[f.train], labels[f.train], X[f.test], inner, kind=task.kind,
+                    columns = labels[f.train] if f.repeat == 0 else labels[f.train, :1]
+                    out, _ = ridge_model.fit_predict(X[f.train], columns, X[f.test], inner, kind=task.kind,
                                                      n_classes=n_classes, metric=main, alphas=alphas,
                                                      pca_components=features.pca_components)
                 else:
@@ -249,12 +259,16 @@ def evaluate_feature_set(
                         pca_components=features.pca_components, seed=seed, n_estimators=n_estimators,
                         grids=grids).items()}
                 for k, v in out.items():
-                    oof.setdefault(k, np.full((n_repeats, len(data.target), v.shape[1]), np.nan))[f.repeat, f.test] = v
-        scores_main = _repeat_scores(main, labels, oof, n_classes)
-        observed_oof = {k: v[..., :1] for k, v in oof.items()}
-        row = _row(data.target, data.groups, observed_oof, main, second, n_classes,
-                   null=scores_main[1:] if n_perm else None, n_bootstrap=n_bootstrap, confidence=confidence,
-                   seed=seed)
+                    oof.setdefault(k, np.full((n_repeats, len(data.target), 1), np.nan))[f.repeat, f.test] = v[:, :1]
+                    if n_perm and f.repeat == 0:
+                        null_oof.setdefault(k, np.full((1, len(data.target), n_perm), np.nan))[0, f.test] = v[:, 1:]
+        null = None
+        if n_perm:
+            observed_first = float(_repeat_scores(main, data.target, {k: v[:1] for k, v in oof.items()},
+                                                  n_classes)[0])
+            null = (observed_first, _repeat_scores(main, labels[:, 1:], null_oof, n_classes))
+        row = _row(data.target, data.groups, oof, main, second, n_classes, null=null, n_bootstrap=n_bootstrap,
+                   confidence=confidence, seed=seed)
         cv_rows.append({"feature_set": features.name, "classifier": estimator, **row})
         preds.append(_prediction_table(data.scans, data.target, {k: v[..., 0] for k, v in oof.items()},
                                        features.name, estimator, data.classes))
@@ -278,18 +292,20 @@ def evaluate_feature_set(
 
 
 def _row(truth: np.ndarray, groups: np.ndarray, oof: Mapping[str, np.ndarray], main: str, second: str,
-         n_classes: int, *, null: np.ndarray | None, n_bootstrap: int, confidence: float, seed: int) -> dict[str, Any]:
+         n_classes: int, *, null: tuple[float, np.ndarray] | None, n_bootstrap: int, confidence: float,
+         seed: int) -> dict[str, Any]:
     """Scores of fixed predictions (``oof``: (repeats, n, 1)): both metrics, their participant-bootstrap
-    intervals, and the permutation p-value of the main metric against ``null`` (None: no test)."""
+    intervals, and the permutation p-value of the main metric: ``null`` = (the observed statistic the
+    null is made for, the null statistics), or None for no test."""
     observed = float(_repeat_scores(main, truth, oof, n_classes)[0])
     second_value = float(_repeat_scores(second, truth, oof, n_classes)[0])
     lo, hi = _interval(main, truth, oof, groups, n_classes, n_bootstrap, seed, confidence)
     lo2, hi2 = _interval(second, truth, oof, groups, n_classes, n_bootstrap, seed, confidence)
-    n_perm = 0 if null is None else int(np.asarray(null).size)
+    n_perm = 0 if null is None else int(np.asarray(null[1]).size)
     return {"n_scans": len(truth), "n_participants": len(set(np.asarray(groups).tolist())), "metric": main,
             "score": observed, "ci_low": lo, "ci_high": hi, "second_metric": second, "second_score": second_value,
             "second_ci_low": lo2, "second_ci_high": hi2,
-            "p_perm": _p_value(main, observed, null) if n_perm else float("nan"), "n_perm": n_perm}
+            "p_perm": _p_value(main, null[0], null[1]) if n_perm else float("nan"), "n_perm": n_perm}
 
 
 def _external_row(data: TaskData, out: Mapping[str, np.ndarray], n_permutations: int, n_bootstrap: int,
@@ -301,7 +317,8 @@ def _external_row(data: TaskData, out: Mapping[str, np.ndarray], n_permutations:
     null = None
     if n_permutations and len(set(groups.tolist())) > 1:
         labels = _label_matrix(truth, groups, n_permutations, seed)
-        null = _repeat_scores(main, labels[:, 1:], oof, k)
+        observed = float(_repeat_scores(main, truth, oof, k)[0])
+        null = (observed, _repeat_scores(main, labels[:, 1:], oof, k))  # fixed predictions, permuted truth
     return _row(truth, groups, oof, main, second, k, null=null, n_bootstrap=n_bootstrap, confidence=confidence,
                 seed=seed)
 
