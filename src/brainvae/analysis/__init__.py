@@ -1,4 +1,4 @@
-"""Analysis of VAE latents: PCA of the latent space, and DS-vs-euploid classification with baselines.
+"""Analysis of VAE latents: PCA of the latent space, and prediction tasks (DS vs euploid, AD stage, brain age) with baselines.
 
 Pure functions (no Snakemake): the workflow's rules call them; the tests call them on synthetic data.
 
@@ -9,7 +9,12 @@ Pure functions (no Snakemake): the workflow's rules call them; the tests call th
 * :mod:`~brainvae.analysis.stats`: confidence intervals for CV metrics, permutation p-values.
 * :mod:`~brainvae.analysis.tables` / :mod:`~brainvae.analysis.plots`: TSV/Markdown tables, figures.
 * :mod:`~brainvae.analysis.outputs`: all tables and figures of a classification run in one call.
-* :mod:`~brainvae.analysis.steps`: the file-level steps the workflow's analysis rules call.
+* :mod:`~brainvae.analysis.tasks`: prediction tasks (binary, multiclass, ordinal, regression) and their
+  start-up checks; :mod:`~brainvae.analysis.metrics`: column-wise metrics (AUC, balanced accuracy, macro F1,
+  quadratic kappa, MAE, R²); :mod:`~brainvae.analysis.ridge`: ridge nested CV solved for every permutation at
+  once; :mod:`~brainvae.analysis.evaluate`: one task on one feature set (CV, bootstrap, permutations, external).
+* :mod:`~brainvae.analysis.steps` / :mod:`~brainvae.analysis.task_steps`: the file-level steps the workflow's
+  analysis rules call.
 * :mod:`~brainvae.analysis.names`: the file names they write (light: the workflow imports it at start).
 
 Names are imported on first use (PEP 562), so ``import brainvae.analysis.names`` at workflow start does
@@ -31,6 +36,16 @@ _SOURCES = {
     "NestedCVResult": "classify",
     "OuterFold": "cv",
     "PCAResult": "pca",
+    "Task": "tasks",
+    "TaskKind": "tasks",
+    "parse_tasks": "tasks",
+    "plan_tasks": "tasks",
+    "permutation_matrix": "cv",
+    "confound_features": "features",
+    "row_space": "features",
+    "select_scans": "task_steps",
+    "tasks_step": "task_steps",
+    "tasks_tables": "task_steps",
     "affine_scale": "features",
     "align_rows": "features",
     "block_mean": "features",
