@@ -200,7 +200,10 @@ def test_evaluation_reports_cv_and_external_rows_for_each_kind():
     X = rng.normal(size=(n, 6))
     X[:, 0] += 2 * (scans["group"] == "DS").to_numpy()
     X[:, 1] += scans["age"].to_numpy() / 5
-    for task in parse_tasks(DEFAULT_TASKS):
+    scans["grade"] = np.array(["mild", "moderate", "severe"])[np.arange(n) % 3]
+    X[:, 2] += 2 * (np.arange(n) % 3)
+    grade = {"grade": {"column": "grade", "kind": "multiclass"}}
+    for task in parse_tasks({**DEFAULT_TASKS, **grade}):
         data = prepare_task(task, scans, external_datasets=["B"], n_splits=3, n_repeats=2, n_inner=2, seed=0)
         assert set(data.scans["dataset"]) == {"A"} and set(data.external["dataset"]) == {"B"}
         cv_x, ext_x = (X[scans["scan"].isin(part["scan"]).to_numpy()] for part in (data.scans, data.external))
@@ -215,6 +218,8 @@ def test_evaluation_reports_cv_and_external_rows_for_each_kind():
         assert rows[0]["n_perm"] == 50 and rows[1]["n_perm"] == 0 and 0 < rows[0]["p_perm"] <= 1
         if task.name == "ds_vs_euploid":
             assert rows[0]["score"] > 0.8 and rows[0]["p_perm"] < 0.05
+        if task.name == "grade":
+            assert rows[0]["metric"] == "macro_f1" and rows[0]["score"] > 0.45  # chance: 1/3
         if task.name == "ad_stage":
             assert rows[0]["n_scans"] == (data.scans["group"] == "DS").sum()
         assert len(preds) == 2 * 2 * len(data.scans)  # estimators x repeats x scans
