@@ -59,7 +59,7 @@ lock:
 
 bench: env
 	$(BIN)/python benchmarks/bench_bids_index.py --subjects 5000
-	$(BIN)/python benchmarks/bench_demo_cohort.py --subjects 10
+	$(BIN)/python benchmarks/bench_demo_cohort.py --sites IXI=5 SantPau=5:0.5
 
 clean:
 	rm -rf results .snakemake

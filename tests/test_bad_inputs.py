@@ -36,7 +36,7 @@ import yaml
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from test_workflow import REPO, planned_jobs
-from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_PREPROCESS, TINY_SUBJECTS, TINY_TRAINING
+from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_PREPROCESS, TINY_SITES, TINY_TRAINING
 
 PROFILE = REPO / "workflow" / "profiles" / "default"
 MNI = "space-MNI152NLin2009aSym_res-demo"
@@ -191,7 +191,8 @@ def write_bids(root: Path, subjects: list[str], label: str = "euploid") -> Path:
 def tiny_config(workdir: Path, extra_datasets: list[dict]) -> dict:
     """The tiny pipeline of tests/test_workflow_pipeline.py plus extra datasets."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["demo"]["subjects"] = TINY_SUBJECTS
+    config["demo"]["sites"] = TINY_SITES
+    config["demo"]["session_fraction"] = 0.1
     config["preprocess"] = {**config["preprocess"], **TINY_PREPROCESS}
     config["analysis"] = {**config.get("analysis", {}), **TINY_ANALYSIS}
     config["training"] = {**config.get("training", {}), **TINY_TRAINING}
@@ -457,7 +458,7 @@ def test_a_dataset_with_one_class_only(tmp_path, real_t1w_dir):
     configfile.write_text(yaml.safe_dump(tiny_config(tmp_path, [messy_dataset(bids)])))
     result = _run(tmp_path, configfile, "--dry-run", timeout=600)
     assert result.returncode == 0, result.stderr
-    assert planned_jobs(result.stdout + result.stderr).get("analysis_classify_latents") == 1
+    assert planned_jobs(result.stdout + result.stderr).get("analysis_tasks_latents") == 1
     # The controls alone (train and analyse): nothing to classify, said at the start; the rest runs.
     only = {"output_dir": "results", "training": TINY_TRAINING, "models": {MODEL: {}},
             "datasets": [{**messy_dataset(bids), "role": "both"}]}
@@ -465,9 +466,9 @@ def test_a_dataset_with_one_class_only(tmp_path, real_t1w_dir):
     result = _run(tmp_path, configfile, "--dry-run", timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "classification of 'label' is skipped: it needs two or more classes" in output and "euploid: 3" in output
+    assert "task ds_vs_euploid is left out" in output
     jobs = planned_jobs(output)
-    assert "analysis_classify_latents" not in jobs and jobs["train_vae"] == 1
+    assert jobs["train_vae"] == 1
 
 
 # --- Interruptions and reproducibility --------------------------------------------------------------------------

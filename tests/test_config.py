@@ -20,7 +20,11 @@ def default_config(repo_root):
 
 def test_default_config_is_valid_and_runs_the_demo(repo_root, schema):
     config = load_config(repo_root / "config" / "config.yaml", schema)
-    assert [d["name"] for d in config["datasets"]] == ["IXI", "HCP"]
+    assert [d["name"] for d in config["datasets"]] == ["IXI", "HCP", "SantPau", "ABCDS"]
+    # The paper's roles: the VAE learns from euploid-only datasets and is analysed on datasets it never sees.
+    assert {d["name"]: d["role"] for d in config["datasets"]} == {"IXI": "train", "HCP": "train",
+                                                                  "SantPau": "analyse", "ABCDS": "analyse"}
+    assert all(config["demo"]["sites"][d["name"]]["ds_fraction"] == 0 for d in config["datasets"] if d["role"] == "train")
     assert all(d["bids_dir"].startswith(config["demo"]["output_dir"]) for d in config["datasets"])
 
 
@@ -30,14 +34,15 @@ def test_defaults_are_filled(schema):
     assert config["output_dir"] == "results"
     assert config["datasets"][0]["include"] == [] and config["datasets"][0]["exclude"] == []
     assert config["conform"]["volume_index"] is None
-    assert config["demo"]["subjects"] == 24
+    assert config["demo"]["sites"]["SantPau"] == {"subjects": 48, "ds_fraction": 0.5}
 
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda c: c["datasets"][1].__setitem__("role", "trian"), "datasets[1].role"),
     (lambda c: c["datasets"][0].__setitem__("colour", "red"), "datasets[0].colour: unknown key"),
     (lambda c: c.__setitem__("ouput_dir", "x"), "ouput_dir: unknown key"),
-    (lambda c: c["demo"].__setitem__("subjects", "many"), "demo.subjects"),
+    (lambda c: c["demo"]["sites"]["IXI"].__setitem__("subjects", "many"), "demo.sites.IXI.subjects"),
+    (lambda c: c["demo"]["sites"]["IXI"].__setitem__("people", 3), "demo.sites.IXI.people: unknown key"),
     (lambda c: c["datasets"][0].pop("label_column"), "'label_column' is a required property"),
     (lambda c: c["datasets"][0].__setitem__("name", "a/b"), "datasets[0].name"),
     (lambda c: c["conform"].__setitem__("volume_index", -1), "conform.volume_index"),

@@ -18,14 +18,22 @@ from brainvae.templates import mni152_brain, mni152_brain_mask
 
 SEED = 7
 N_SUBJECTS = 4  # 2 per site, one DS and one euploid each; one subject gets two sessions
+NATIVE_SITES = ("IXI", "ABCDS")  # raw scans; HCP and SantPau are template-space sites
+TEMPLATE_SITES = {"HCP": {"subjects": 2, "ds_fraction": 0.0}, "SantPau": {"subjects": 4, "ds_fraction": 0.5}}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("demo")
     # n_jobs=2 here, serial regeneration in test_same_bytes: the bytes must not depend on n_jobs
-    scans = dc.generate_cohort(out, N_SUBJECTS, SEED, n_jobs=2)
+    scans = dc.generate_cohort(out, N_SUBJECTS, SEED, sites=NATIVE_SITES, n_jobs=2)
     return out, scans
+
+
+@pytest.fixture(scope="module")
+def template_cohort(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("template")
+    return out, dc.generate_cohort(out, None, SEED, sites=TEMPLATE_SITES, n_jobs=2, session_fraction=0.0)
 
 
 def _truth(out: Path, record: dict) -> dict:
@@ -44,15 +52,22 @@ def test_plan_is_deterministic_valid_and_balanced():
     plan = dc.plan_cohort(20, 3)
     assert plan == dc.plan_cohort(20, 3)
     assert plan != dc.plan_cohort(20, 4)
-    assert {tuple(sorted(r)) for r in plan} == {("age", "dataset", "group", "path", "run", "session", "sex", "subject")}
+    assert {tuple(sorted(r)) for r in plan} == {("ad_stage", "age", "dataset", "group", "icv_ml", "id_grade", "path",
+                                                 "run", "session", "sex", "space", "subject")}
     subjects = {(r["dataset"], r["subject"]) for r in plan}
     assert len(subjects) == 20
     assert len({s for _, s in subjects}) == 20, "subject labels must be unique across sites"
     for r in plan:
         assert is_bids_label(r["subject"]) and (r["session"] is None or is_bids_label(r["session"]))
         assert r["run"] is None and r["group"] in ("DS", "euploid") and r["sex"] in ("F", "M")
-        low, high = (20, 60) if r["group"] == "DS" else dc.SITES[r["dataset"]].euploid_age
-        assert low <= r["age"] <= high
+        site = dc.SITES[r["dataset"]]
+        low, high = site.ds_age if r["group"] == "DS" else site.euploid_age
+        assert low <= r["age"] <= high and r["space"] == site.space
+        if r["group"] == "DS":
+            assert r["ad_stage"] in dc.AD_STAGES and r["id_grade"] in dc.ID_GRADES
+        else:
+            assert r["ad_stage"] == r["id_grade"] == dc.NOT_APPLICABLE
+        assert 900 < r["icv_ml"] < 2100
         ses = f"_ses-{r['session']}" if r["session"] else ""
         sesdir = f"ses-{r['session']}/" if r["session"] else ""
         assert r["path"] == f"{r['dataset']}/sub-{r['subject']}/{sesdir}anat/sub-{r['subject']}{ses}_T1w.nii.gz"
@@ -77,6 +92,38 @@ def test_plan_options_and_errors():
             dc.plan_cohort(**kwargs)
     with pytest.raises(ConfigError, match="ds_strength"):
         dc.generate_cohort("/nonexistent", 2, 0, ds_strength=-1)
+    # Per-site counts and DS shares; the total, when given, must agree.
+    plan = dc.plan_cohort(None, 0, sites={"HCP": {"subjects": 3}, "SantPau": {"subjects": 4, "ds_fraction": 0.5}},
+                          session_fraction=0.0)
+    assert [r["subject"] for r in plan] == ["hcp001", "hcp002", "hcp003", "sp001", "sp002", "sp003", "sp004"]
+    assert [r["group"] for r in plan if r["dataset"] == "SantPau"].count("DS") == 2
+    for sites in ({"HCP": {"subjects": 0}}, {"HCP": {"subjects": 2, "ds_fraction": 2}}, {"HCP": {"n": 2}}, {}):
+        with pytest.raises(ConfigError, match="sites"):
+            dc.plan_cohort(None, 0, sites=sites)
+    with pytest.raises(ConfigError, match="differs"):
+        dc.plan_cohort(5, 0, sites={"HCP": {"subjects": 3}})
+
+
+def test_population_sizes_sex_and_ds_stages():
+    """Intracranial volume: CV ~10 %, males ~10 % larger, DS smaller; DS-AD stages rise with age."""
+    plan = dc.plan_cohort(None, 11, sites={"IXI": {"subjects": 300}, "SantPau": {"subjects": 300, "ds_fraction": 0.5}},
+                          session_fraction=0.0, ds_strength=1.0)
+    euploid = [r for r in plan if r["group"] == "euploid"]
+    icv = np.array([r["icv_ml"] for r in euploid])
+    assert 0.08 < icv.std() / icv.mean() < 0.12
+    male = np.mean([r["icv_ml"] for r in euploid if r["sex"] == "M"])
+    female = np.mean([r["icv_ml"] for r in euploid if r["sex"] == "F"])
+    assert 1.06 < male / female < 1.15
+    ds = [r for r in plan if r["group"] == "DS"]
+    assert np.mean([r["icv_ml"] for r in ds]) < 0.9 * np.mean([r["icv_ml"] for r in euploid if r["dataset"] == "SantPau"])
+    stage = {s: i for i, s in enumerate(dc.AD_STAGES)}
+    young = [stage[r["ad_stage"]] for r in ds if r["age"] < 40]
+    old = [stage[r["ad_stage"]] for r in ds if r["age"] > 55]
+    assert np.mean(young) < 0.1 and np.mean(old) > 0.8 and {r["ad_stage"] for r in ds} == set(dc.AD_STAGES)
+    # SantPau's euploid controls are age-matched: age alone does not tell the groups apart.
+    santpau = [r for r in plan if r["dataset"] == "SantPau"]
+    ages = {g: np.array([r["age"] for r in santpau if r["group"] == g]) for g in ("DS", "euploid")}
+    assert abs(ages["DS"].mean() - ages["euploid"].mean()) < 3
 
 
 def test_site_root_guard(tmp_path):
@@ -102,20 +149,22 @@ def test_site_root_guard(tmp_path):
 
 def test_files_are_exactly_the_plan(cohort):
     out, scans = cohort
-    assert scans == dc.plan_cohort(N_SUBJECTS, SEED)
-    written = {str(p.relative_to(out)) for site in ("IXI", "HCP") for p in (out / site).rglob("*_T1w.nii.gz")}
+    assert scans == dc.plan_cohort(N_SUBJECTS, SEED, sites=NATIVE_SITES)
+    written = {str(p.relative_to(out)) for site in NATIVE_SITES for p in (out / site).rglob("*_T1w.nii.gz")}
     assert written == {r["path"] for r in scans}
     for r in scans:
         assert (out / r["path"].replace(".nii.gz", ".json")).is_file()
         for path in dc.truth_paths(r).values():
             assert (out / path).is_file(), path
             assert not path.startswith(r["dataset"] + "/"), "truth must stay outside the BIDS roots"
-    for site in ("IXI", "HCP"):
+    for site in NATIVE_SITES:
         description = json.loads((out / site / "dataset_description.json").read_text())
         assert description["DatasetType"] == "raw" and description["BIDSVersion"]
         with open(out / site / "participants.tsv") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        assert list(rows[0]) == ["participant_id", "group", "age", "sex"]
+        assert list(rows[0]) == ["participant_id", *dc.PARTICIPANT_COLUMNS]
+        planned = {f"sub-{r['subject']}": r for r in scans if r["dataset"] == site}
+        assert all(float(row["icv_ml"]) == planned[row["participant_id"]]["icv_ml"] for row in rows)
         expected = sorted({f"sub-{r['subject']}" for r in scans if r["dataset"] == site})
         assert [row["participant_id"] for row in rows] == expected
         assert {row["group"] for row in rows} == {"DS", "euploid"}, "each site holds both groups"
@@ -144,9 +193,8 @@ def test_sites_grids_and_orientations(cohort):
         mask = np.asarray(nib.load(out / dc.truth_paths(r)["brain_mask"]).dataobj)
         for axis in range(3):
             assert not np.take(mask, [0, -1], axis=axis).any()
-    assert seen["IXI"][0] != seen["HCP"][0] and len(set(seen["IXI"][0])) > 1, "IXI is anisotropic"
-    assert seen["IXI"][1] != seen["HCP"][1]
-    assert seen["IXI"][1] == ("P", "S", "R") and seen["HCP"][1] == ("L", "A", "S")
+    assert seen["IXI"][0] != seen["ABCDS"][0] and len(set(seen["IXI"][0])) > 1, "IXI is anisotropic"
+    assert seen["IXI"][1] == ("P", "S", "R") and seen["ABCDS"][1] == ("R", "A", "S")
 
 
 def test_truth_affine_matches_truth_mask(cohort):
@@ -181,7 +229,7 @@ def test_sessions_share_anatomy_not_pose(cohort):
 
 def test_intensities_noise_and_bias(cohort):
     out, scans = cohort
-    for r in (next(r for r in scans if r["dataset"] == site) for site in ("IXI", "HCP")):
+    for r in (next(r for r in scans if r["dataset"] == site) for site in NATIVE_SITES):
         truth = _truth(out, r)
         t1w = np.asarray(nib.load(out / r["path"]).dataobj).astype(np.float32)
         regions = np.asarray(nib.load(out / dc.truth_paths(r)["regions"]).dataobj)
@@ -214,10 +262,13 @@ def test_group_effects_are_where_intended(cohort):
             assert at_zero["region_volumes_ml"] == at_one["region_volumes_ml"]
             continue
         ratio = {k: _normalised(at_one, k) / _normalised(at_zero, k) for k in at_one["region_volumes_ml"]}
-        assert ratio["ventricles"] > 1.4
+        assert ratio["ventricles"] > 1.25
         assert ratio["cerebellum"] < 0.93
         assert ratio["frontal"] < 0.97
-        assert ratio["control"] == pytest.approx(1.0, abs=0.01)
+        if r["ad_stage"] == "asymptomatic":  # DS morphology alone leaves the superior parietal lobe alone
+            assert ratio["control"] == pytest.approx(1.0, abs=0.01)
+        else:  # DS-AD atrophy moves the brain outline in, there too
+            assert ratio["control"] < 0.99
         assert at_one["region_volumes_ml"]["brain"] < 0.9 * at_zero["region_volumes_ml"]["brain"]
         assert at_one["region_volumes_ml"]["cerebellum"] < 0.85 * at_zero["region_volumes_ml"]["cerebellum"]
 
@@ -229,6 +280,54 @@ def test_no_group_effect_at_strength_zero(cohort):
     as_euploid = dc._simulate({**record, "group": "euploid"}, SEED, 0.0, images=False)
     assert np.array_equal(as_ds["labels"], as_euploid["labels"])
     assert as_ds["truth"]["native_to_mni_affine"] == as_euploid["truth"]["native_to_mni_affine"]
+
+
+def test_ageing_shrinks_the_brain_and_enlarges_the_ventricles():
+    """The same euploid subjects at 40 and 80: brain tissue -0.2 to -0.5 % a year, ventricles larger."""
+    plan = dc.plan_cohort(None, SEED, sites={"HCP": {"subjects": 3}}, session_fraction=0.0)
+    head = dc._resampled_site_head("HCP")
+    for record in plan:
+        volumes = {}
+        for age in (40.0, 80.0):
+            truth = dc.simulate_template_scan({**record, "age": age}, SEED, 1.0, head, 0.02, 1000.0)["truth"]
+            v = truth["template_region_volumes_ml"]
+            volumes[age] = (v["brain"] - v["ventricles"], v["ventricles"])
+        per_year = (volumes[80.0][0] / volumes[40.0][0] - 1) / 40
+        assert -0.005 < per_year < -0.002, per_year
+        assert volumes[80.0][1] > volumes[40.0][1] + 10  # mL: ~0.35 mL a year, the ventricles' ageing
+
+
+def test_template_space_scans(template_cohort, tmp_path):
+    """Skull-stripped 2 mm MNI scans: the brain only, positive inside, the size removed (icv_ml keeps it)."""
+    out, scans = template_cohort
+    shape, affine = dc.template_grid()
+    for r in scans:
+        assert r["space"] == dc.TEMPLATE_SPACE
+        img = nib.load(out / r["path"])
+        assert img.shape == shape and np.allclose(img.affine, affine)
+        t1w = np.asarray(img.dataobj)
+        mask = np.asarray(nib.load(out / dc.truth_paths(r)["brain_mask"]).dataobj) > 0
+        assert np.array_equal(t1w > 0, mask)  # skull-stripped: the support is the brain
+        assert "biasfield" not in dc.truth_paths(r)
+        truth = _truth(out, r)
+        # registered: the template-grid brain is the template's size whatever the subject's head
+        assert 1700 < truth["template_region_volumes_ml"]["brain"] < 2100
+        assert truth["icv_ml"] == pytest.approx(r["icv_ml"], abs=0.1)
+        sidecar = json.loads((out / r["path"].replace(".nii.gz", ".json")).read_text())
+        assert sidecar["SkullStripped"] is True
+    with open(out / "SantPau" / "participants.tsv") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert {row["group"] for row in rows} == {"DS", "euploid"}
+    assert {row["ad_stage"] for row in rows if row["group"] == "euploid"} == {"n/a"}
+    # same bytes from a serial rerun, and a DS subject at ds_strength 0 is its euploid counterpart
+    record = next(r for r in scans if r["group"] == "DS")
+    dc.generate_scan(record, tmp_path, SEED, 1.0)
+    assert (tmp_path / record["path"]).read_bytes() == (out / record["path"]).read_bytes()
+    head = dc._resampled_site_head("SantPau")
+    as_ds = dc.simulate_template_scan(record, SEED, 0.0, head, 0.02, 1000.0)
+    as_euploid = dc.simulate_template_scan({**record, "group": "euploid", "ad_stage": "n/a"}, SEED, 0.0, head,
+                                           0.02, 1000.0)
+    assert np.array_equal(as_ds["t1w"], as_euploid["t1w"])
 
 
 def test_ds_deformation_is_local_and_invertible():

@@ -42,14 +42,15 @@ def test_samples_table_round_trips_unchanged(tmp_path):
     """A job that reads samples.tsv sees exactly the table the workflow start built (demo and BIDS rows)."""
     with open(REPO / "config" / "config.yaml") as handle:
         config = yaml.safe_load(handle)
-    config["demo"]["subjects"] = 6
+    config["demo"]["sites"] = {"IXI": {"subjects": 2}, "HCP": {"subjects": 2}, "SantPau": {"subjects": 2, "ds_fraction": 0.5},
+                               "ABCDS": {"subjects": 2, "ds_fraction": 0.5}}
     bids = tiny_bids(tmp_path / "bids")
     config["datasets"].append({"name": "tiny", "bids_dir": str(bids), "role": "analyse", "label_column": "group",
                                "covariates": ["age", "sex"]})
     built = build_samples(config)
     write_samples(built, tmp_path / "samples.tsv")
     pd.testing.assert_frame_equal(read_samples(tmp_path / "samples.tsv"), built)
-    assert set(built["dataset"]) == {"IXI", "HCP", "tiny"}
+    assert set(built["dataset"]) == {"IXI", "HCP", "SantPau", "ABCDS", "tiny"}
 
 
 def test_cluster_jobs_do_not_index_bids_again(tmp_path):

@@ -53,8 +53,10 @@ def tiny_config(path: Path) -> Path:
     """The demo config cut to one subject with two sessions, single-threaded so both runs agree bit for bit."""
     with open(REPO / "config" / "config.yaml") as handle:
         config = yaml.safe_load(handle)
-    config["demo"]["subjects"] = 2  # the HCP-like site: sub-hcp001 (ses-1, ses-2) and sub-hcp002
-    config["datasets"] = [{**d, "include": ["sub-hcp001"]} for d in config["datasets"] if d["name"] == "HCP"]
+    # The IXI-like site (raw scans, the whole chain): sub-ixi001 (ses-1, ses-2) and sub-ixi002.
+    config["demo"]["sites"] = {"IXI": {"subjects": 2}}
+    config["demo"]["session_fraction"] = 0.5
+    config["datasets"] = [{**d, "include": ["sub-ixi001"]} for d in config["datasets"] if d["name"] == "IXI"]
     config["preprocess"]["threads"] = 1
     config["preprocess"]["skullstrip"]["method"] = "template"  # no CNN: cheaper in CI
     path.write_text(yaml.safe_dump(config))

@@ -91,7 +91,7 @@ def test_code_in_a_label_cell_stays_a_string(tmp_path, real_t1w_dir):
 def test_code_in_config_strings_is_refused_or_kept_as_text(tmp_path):
     payloads = _payloads(tmp_path)
     config = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
-    config["analysis"] = {**config.get("analysis", {}), "positive_class": payloads["python"]}
+    config["analysis"]["tasks"]["ds_vs_euploid"]["positive"] = payloads["python"]
     config["qc"] = {**(config.get("qc") or {}), "exclude": [payloads["shell"], payloads["format"]]}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))

@@ -25,10 +25,12 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -
     return result
 
 
-def demo_config(tmp_path: Path, subjects: int) -> Path:
+def demo_config(tmp_path: Path, sites: dict[str, int] | None = None) -> Path:
+    """The default configuration, with ``sites`` (site -> subjects) replacing demo.sites' subject counts."""
     with open(REPO / "config" / "config.yaml") as handle:
         config = yaml.safe_load(handle)
-    config["demo"]["subjects"] = subjects
+    for site, subjects in (sites or {}).items():
+        config["demo"]["sites"][site]["subjects"] = subjects
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -52,14 +54,19 @@ def planned_jobs(output: str) -> dict[str, int]:
 
 
 def test_dry_run_plans_the_demo_dag(tmp_path):
-    config = demo_config(tmp_path, subjects=40)
+    config = demo_config(tmp_path)
     result = snakemake(tmp_path, config, "--dry-run")
     jobs = planned_jobs(result.stdout + result.stderr)
     samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    demo = yaml.safe_load(config.read_text())["demo"]
     assert jobs["demo_cohort"] == 1
-    assert jobs["conform"] == len(samples) >= 40
-    assert set(samples["dataset"]) == {"IXI", "HCP"}
-    assert set(samples["label"]) == {"euploid", "DS"}
+    assert len(samples) >= sum(site["subjects"] for site in demo["sites"].values())
+    template = samples["dataset"].isin(["HCP", "SantPau"])  # template-space sites skip the native chain
+    assert jobs["conform"] == (~template).sum() and jobs["preprocess_template_scan"] == template.sum()
+    assert set(samples["dataset"]) == {"IXI", "HCP", "SantPau", "ABCDS"}
+    assert set(samples.loc[samples["train"] == "True", "label"]) == {"euploid"}  # training sites: euploid only
+    assert set(samples.loc[samples["dataset"] == "SantPau", "label"]) == {"euploid", "DS"}
+    assert samples["icv_ml"].astype(float).between(900, 2100).all()
     models = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]
     assert jobs["train_vae"] == jobs["encode_latents"] == len(models)
     # Nothing but the samples table was written by a dry run.
@@ -82,14 +89,15 @@ PER_STEP_RULES = {"conform", "n4", "register_level1", "skullstrip", "register_le
 
 def test_one_job_per_scan_plans_one_preprocessing_job_per_scan(tmp_path):
     """preprocess.one_job_per_scan: rule preprocess_scan replaces the seven per-scan rules; the rest is unchanged."""
-    per_step = planned_jobs(snakemake(tmp_path, demo_config(tmp_path, subjects=12), "--dry-run").stdout)
+    per_step = planned_jobs(snakemake(tmp_path, demo_config(tmp_path, {"IXI": 6, "ABCDS": 6}), "--dry-run").stdout)
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     config["preprocess"]["one_job_per_scan"] = True
     path = tmp_path / "one_job_per_scan.yaml"
     path.write_text(yaml.safe_dump(config))
     per_scan = planned_jobs(snakemake(tmp_path, path, "--dry-run").stdout)
     samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
-    assert per_scan["preprocess_scan"] == len(samples) == per_step["conform"]
+    native = (~samples["dataset"].isin(["HCP", "SantPau"])).sum()
+    assert per_scan["preprocess_scan"] == native == per_step["conform"]
     assert not PER_STEP_RULES & set(per_scan) and "preprocess_scan" not in per_step
     assert {rule: n for rule, n in per_step.items() if rule not in PER_STEP_RULES} == {
         rule: n for rule, n in per_scan.items() if rule != "preprocess_scan"}
@@ -120,7 +128,7 @@ def test_no_rule_names_a_static_input_list_that_grows_with_the_cohort(tmp_path):
     When a rule's input also names another rule's output, Snakemake hashes a named static list once per file in
     it: planning grows with the square of the cohort (24 s of a 5,000-subject plan for one rule).
     """
-    config = demo_config(tmp_path, subjects=12)
+    config = demo_config(tmp_path, {"IXI": 6, "ABCDS": 6})
     result = subprocess.run([sys.executable, "-c", STATIC_NAMED_INPUTS, str(REPO / "Snakefile"), str(config),
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

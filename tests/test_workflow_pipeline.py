@@ -29,8 +29,14 @@ MODEL = "vae_tiny"
 # Small enough for CI on 2 cores: 6 subjects (about 4 euploid: one each in validation and test),
 # one epoch of a tiny network on the demo grid.
 TINY_TRAINING = {"epochs": 1, "threads": 1, "model": {"latent_dim": 4, "widths": [4, 8, 8], "blocks": 0}}
-# 7 subjects give 3 DS participants, the fewest the nested-CV classification accepts (6 give 2: skipped).
-TINY_SUBJECTS = 7
+# Training sites: 3 raw IXI-like scans (+1 second session) and 4 template-space HCP-like scans (train, val and
+# test splits); analysis: 8 SantPau-like subjects, 4 DS (3 is the fewest the nested-CV classification accepts)
+# and 2 raw ABCDS-like subjects as the external site.
+TINY_SITES = {"IXI": {"subjects": 3, "ds_fraction": 0.0}, "HCP": {"subjects": 4, "ds_fraction": 0.0},
+              "SantPau": {"subjects": 8, "ds_fraction": 0.5}, "ABCDS": {"subjects": 2, "ds_fraction": 0.5}}
+TINY_SUBJECTS = sum(site["subjects"] for site in TINY_SITES.values())
+NATIVE_DATASETS = ["IXI", "ABCDS"]
+TEMPLATE_DATASETS = ["HCP", "SantPau"]
 # One thread per preprocessing job: with --cores 2, two scans at a time keep both cores busy.
 TINY_PREPROCESS = {"threads": 1}
 TINY_ANALYSIS = {"outer_repeats": 1, "permutations": 3, "random_forest_trees": 10}
@@ -70,6 +76,7 @@ def test_preprocessed_scans_and_qc(pipeline):
     description = json.loads((deriv / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     mni = "space-MNI152NLin2009aSym_res-demo"
+    dataset_of = dict(zip(samples["scan"], samples["dataset"]))
     for scan in samples["scan"]:
         image = nib.load(deriv / f"{scan}_desc-conform_T1w.nii.gz")
         assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
@@ -83,17 +90,20 @@ def test_preprocessed_scans_and_qc(pipeline):
         assert (deriv / f"{scan}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat").exists()
         # Intermediates marked temp() are gone once every consumer has run.
         assert not (deriv / f"{scan}_desc-n4_T1w.nii").exists()
-        # Every per-scan job wrote its benchmark (wall and CPU time, peak memory).
-        for rule in PER_SCAN_RULES:
+        # Every per-scan job wrote its benchmark (wall and CPU time, peak memory); template-space scans
+        # have one job of their own.
+        template = dataset_of[scan] in TEMPLATE_DATASETS
+        for rule in (["preprocess_template_scan"] if template else PER_SCAN_RULES):
             bench = pd.read_csv(results / "benchmarks" / rule / f"{scan}.tsv", sep="\t")
             assert bench["s"].iloc[0] > 0 and bench["max_rss"].iloc[0] > 0, (rule, scan)
     qc = pd.read_csv(results / "qc" / "qc.tsv", sep="\t", keep_default_na=False).set_index("scan")
     assert set(samples["scan_key"]) <= set(qc.index)  # (and a row per failed input of the messy dataset)
     # The demo's scans are all sound (the messy dataset's odd scans are judged in test_bad_inputs.py).
-    demo = qc.loc[samples.loc[samples["dataset"].isin(["IXI", "HCP"]), "scan_key"]]
+    demo = qc.loc[samples.loc[samples["dataset"].isin(TINY_SITES), "scan_key"]]
     assert len(demo) >= TINY_SUBJECTS
     assert (pd.to_numeric(demo["template_correlation"]) > 0.6).all()
-    assert pd.to_numeric(demo["brain_volume_ml"]).between(1000, 1900).all()
+    native = qc.loc[samples.loc[samples["dataset"].isin(NATIVE_DATASETS), "scan_key"]]
+    assert pd.to_numeric(native["brain_volume_ml"]).between(1000, 1900).all()
 
 
 def test_model_folder(pipeline):

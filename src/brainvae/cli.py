@@ -10,14 +10,27 @@ from . import __version__
 from .errors import BrainvaeError
 
 
+def _site_setting(text: str) -> tuple[str, dict[str, float]]:
+    """``SantPau=40:0.5`` -> ``("SantPau", {"subjects": 40, "ds_fraction": 0.5})``."""
+    name, _, counts = text.partition("=")
+    subjects, _, fraction = counts.partition(":")
+    try:
+        return name, {"subjects": int(subjects), "ds_fraction": float(fraction or 0.0)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SITE=SUBJECTS[:DS_FRACTION], e.g. SantPau=40:0.5")
+
+
 def _demo_cohort(args: argparse.Namespace) -> int:
+    from .config import schema_default
     from .demo_cohort import generate_cohort
 
+    sites = dict(args.sites) if args.sites else schema_default("demo", "sites")
+    ds_strength = schema_default("demo", "ds_strength") if args.ds_strength is None else args.ds_strength
     start = time.perf_counter()
-    scans = generate_cohort(args.out, args.subjects, args.seed, ds_strength=args.ds_strength,
-                            ds_fraction=args.ds_fraction, sites=tuple(args.sites), n_jobs=args.jobs)
+    scans = generate_cohort(args.out, None, args.seed, ds_strength=ds_strength, sites=sites, n_jobs=args.jobs,
+                            session_fraction=args.session_fraction)
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(scans)} scans of {args.subjects} subjects to {args.out} "
+    print(f"wrote {len(scans)} scans of {sum(s['subjects'] for s in sites.values())} subjects to {args.out} "
           f"in {elapsed:.1f} s ({elapsed / max(len(scans), 1):.2f} s per scan)")
     return 0
 
@@ -63,12 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "DS-like morphology, per-subject variability, head pose, bias field and Rician noise, "
                     "with ground truth (native->MNI affine, bias field, brain mask) under OUT/truth.")
     demo.add_argument("out", help="output folder (one BIDS root per site is created inside)")
-    demo.add_argument("--subjects", type=int, default=40, help="number of subjects over all sites (default 40)")
+    demo.add_argument("--sites", nargs="+", type=_site_setting, metavar="SITE=SUBJECTS[:DS_FRACTION]",
+                      help="sites to generate (IXI, ABCDS: raw scans; HCP, SantPau: template space), e.g. "
+                           "IXI=6 HCP=60 SantPau=40:0.5 (default: the workflow's demo.sites)")
     demo.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
-    demo.add_argument("--ds-strength", type=float, default=1.0,
-                      help="strength of the DS-like morphology, 0 = no group difference (default 1.0)")
-    demo.add_argument("--ds-fraction", type=float, default=0.4, help="fraction of DS-like subjects (default 0.4)")
-    demo.add_argument("--sites", nargs="+", default=["IXI", "HCP"], help="sites to generate (default IXI HCP)")
+    demo.add_argument("--ds-strength", type=float, default=None,
+                      help="size of the DS effects, 0 = no group difference (default: the workflow's "
+                           "demo.ds_strength)")
+    demo.add_argument("--session-fraction", type=float, default=0.0,
+                      help="share of subjects scanned twice (default 0)")
     demo.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
     demo.set_defaults(func=_demo_cohort)
 

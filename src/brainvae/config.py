@@ -37,6 +37,19 @@ def key_path(path) -> str:
     return out or "<top level>"
 
 
+#: The workflow's configuration schema: the one place every default is set (brainvae is installed from its
+#: repository, so the schema sits beside the package).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def schema_default(*keys: str) -> Any:
+    """The schema's default of a nested key, e.g. ``schema_default("demo", "ds_strength")``."""
+    node = load_schema(SCHEMA_PATH)
+    for key in keys:
+        node = node["properties"][key]
+    return copy.deepcopy(node["default"])
+
+
 def load_schema(schema_path: str | Path) -> dict:
     with open(schema_path) as handle:
         return yaml.safe_load(handle)

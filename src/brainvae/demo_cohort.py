@@ -52,7 +52,6 @@ mtime 0, so a seed always gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -73,42 +72,32 @@ from scipy import ndimage as ndi
 from . import __version__
 from .errors import ConfigError
 from .naming import scan_dir, scan_key
-from .templates import MNI_SPACE, colin27_brain, colin27_head, mni152_brain, mni152_brain_mask
+from .synth.anatomy import (AD_EFFECTS, AD_STAGES, DS_EFFECTS, POPULATION, SubjectAnatomy, ds_displacement,
+                            ds_jacobian, pull_back, rng, subject_anatomy)
+from .synth.template_space import resampled_head, simulate_template_scan, template_grid
+from .synth.reference import (REGION_LABELS, Reference, control_mask, cerebellum_mask, frontal_mask,
+                              lateral_ventricles_mask, reference, reference_head, region_labels)
+from .templates import MNI_SPACE
 
 GROUPS = ("euploid", "DS")
+#: Intellectual-disability grade of DS subjects and its share (euploid subjects: n/a).
+ID_GRADES = {"mild": 0.45, "moderate": 0.40, "severe": 0.15}
+#: Space of a site's scans: native (raw scanner images) or the template space of preprocessed releases.
+NATIVE = "native"
+TEMPLATE_SPACE = "MNI152NLin2009aSym"
+#: Cell value of a covariate that does not apply (AD stage and ID grade of euploid subjects).
+NOT_APPLICABLE = "n/a"
 
-#: Label values of :func:`region_labels` and of every ``*_desc-regions_dseg.nii.gz``.
-REGION_LABELS = {0: "background", 1: "other_brain", 2: "ventricles", 3: "cerebellum", 4: "frontal", 5: "control"}
-_LABEL = {name: value for value, name in REGION_LABELS.items()}
-
-#: DS-like effect at ``ds_strength=1`` (scaled linearly in log-size and shift by ``ds_strength``).
-#: Literature (adults with DS vs euploid): brain ~15-20 % smaller, brachycephalic (short AP), frontal
-#: lobe and cerebellum disproportionately small, lateral ventricles enlarged.
-DS_EFFECTS: dict[str, Any] = {
-    "global_scale": (0.97, 0.93, 0.96),  # x (LR), y (AP), z (SI) size relative to euploid
-    "boundary_shift_mm": {"ventricles": 2.0, "cerebellum": -1.0, "frontal": -0.8},
-}
-#: Smoothing (mm) of each region mask whose gradient drives the region displacement.
-_REGION_SIGMA_MM = {"ventricles": 4.0, "cerebellum": 4.0, "frontal": 5.0}
-
-# Subject variability (euploid and DS alike).
-_SUBJECT_LOG_SCALE_SD = 0.035     # per-axis head/brain size, ~3.5 %
-# The MNI152 brain (~1,970 mL in its mask) is larger than a typical adult brain; 0.9 per axis gives
-# ~1,440 mL, a plausible adult intracranial brain-mask volume.
-_SUBJECT_MEAN_LOG_SCALE = float(np.log(0.9))
-_SUBJECT_SHEAR_SD = 0.01
-_SUBJECT_WARP_SD_MM = 1.5         # random nonlinear displacement at each lattice node, deep in the brain
-_SUBJECT_WARP_OUTLINE = 1 / 3     # ... times this at the brain outline and outside (keeps the outline affine)
-_SUBJECT_WARP_SPACING_MM = 30.0
-_SUBJECT_VENTRICLE_SD_MM = 0.5    # random ventricle boundary shift (clipped at 2 sd, so it never folds)
 # Pose in the scanner and FOV placement.
 _MAX_ROTATION_DEG = 15.0
 _MAX_TRANSLATION_MM = 20.0
 _MAX_FOV_OFFSET_MM = 5.0
 _BIAS_LATTICE = 5
 _COARSE_STEP_MM = 4.0
-_REGION_GRID_MM = 2
-_DS_AGE = (20, 60)
+#: DS-AD stage from age: stage score (age - 47) / 5 + N(0, 1); below the first cut asymptomatic, below the
+#: second prodromal, else dementia (in DS, AD is rare before 40, prodromal from ~50, dementia median onset ~53:
+#: Fortea et al. 2020).
+_AD_AGE_CENTRE, _AD_AGE_SCALE, _AD_CUTS = 47.0, 5.0, (0.0, 2.2)
 
 
 @dataclass(frozen=True)
@@ -126,11 +115,17 @@ class Site:
     bias_log_sd: float                # sd of the log bias field at the lattice nodes
     euploid_age: tuple[int, int]
     sidecar: tuple[tuple[str, Any], ...]
+    ds_age: tuple[int, int] = (20, 60)
+    #: native: raw scanner images; TEMPLATE_SPACE: skull-stripped, registered images on the 2 mm MNI grid
+    #: (global size removed by the registration, local shape kept), as preprocessed releases ship them.
+    space: str = NATIVE
 
 
 #: Sites named after the datasets of Malé et al. IXI: Philips 3T sagittal SPGR, 0.94x0.94x1.2 mm,
-#: stored PSR like the real IXI NIfTIs. HCP: Siemens 3T MPRAGE, here at 1 mm (the real 0.7 mm is too
-#: costly for a demo), stored LAS (radiological) so axis order and handedness both differ.
+#: stored PSR like the real IXI NIfTIs. HCP: Siemens 3T MPRAGE as the HCP release ships it, already
+#: registered and skull-stripped (template space). SantPau: the DS and euploid analysis cohort (Sant Pau
+#: Initiative on Neurodegeneration), euploid controls age-matched to the DS adults, template space. ABCDS:
+#: a small external site (ABC-DS-like), raw GE 3T scans, 1x1x1.2 mm stored RAS.
 SITES: dict[str, Site] = {
     "IXI": Site(
         name="IXI", prefix="ixi", axcodes=("P", "S", "R"), zooms=(0.9375, 0.9375, 1.2), shape=(256, 256, 150),
@@ -145,212 +140,31 @@ SITES: dict[str, Site] = {
         sidecar=(("Manufacturer", "Siemens"), ("ManufacturersModelName", "Skyra"), ("MagneticFieldStrength", 3),
                  ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR\\IR"), ("RepetitionTime", 2.4),
                  ("EchoTime", 0.00214), ("InversionTime", 1.0), ("FlipAngle", 8)),
+        space=TEMPLATE_SPACE,
+    ),
+    "SantPau": Site(
+        name="SantPau", prefix="sp", axcodes=("R", "A", "S"), zooms=(1.0, 1.0, 1.0), shape=(176, 240, 256),
+        contrast=(0.20, 0.66, 1.0, 1.15), wm_counts=900.0, noise=0.025, bias_log_sd=0.12, euploid_age=(25, 65),
+        sidecar=(("Manufacturer", "Philips"), ("ManufacturersModelName", "Achieva"), ("MagneticFieldStrength", 3),
+                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR"), ("RepetitionTime", 0.0081),
+                 ("EchoTime", 0.0037), ("FlipAngle", 8)),
+        ds_age=(25, 65), space=TEMPLATE_SPACE,
+    ),
+    "ABCDS": Site(
+        name="ABCDS", prefix="abc", axcodes=("R", "A", "S"), zooms=(1.0, 1.0, 1.2), shape=(192, 256, 150),
+        contrast=(0.22, 0.64, 1.0, 1.2), wm_counts=1000.0, noise=0.03, bias_log_sd=0.12, euploid_age=(25, 65),
+        sidecar=(("Manufacturer", "GE"), ("ManufacturersModelName", "Discovery MR750"), ("MagneticFieldStrength", 3),
+                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR\\IR"), ("RepetitionTime", 0.0073),
+                 ("EchoTime", 0.003), ("InversionTime", 0.4), ("FlipAngle", 11)),
+        ds_age=(25, 65),
     ),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference head, regions and group deformation (MNI space, built once per process)
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Reference:
-    affine: np.ndarray            # MNI 1 mm voxel -> mm
-    head: np.ndarray              # float32 reference intensity, MNI units (WM ~ levels['wm'])
-    labels: np.ndarray            # uint8, REGION_LABELS
-    levels: dict[str, float]      # reference intensity of csf, gm, wm, fat
-    grad_affine: np.ndarray       # 2 mm grid of the region gradient fields
-    grads: dict[str, np.ndarray]  # (3, ...) float32 grad of smoothed region mask, max norm 1
-    warp_weight: np.ndarray       # subject warp amplitude factor on the same 2 mm grid
-    brain_box_mm: np.ndarray      # (2, 3) min/max MNI mm of the brain
-    head_centre_mm: np.ndarray
-
-
-def _mni_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Broadcastable x, y, z MNI mm of a diagonal-affine grid."""
-    return tuple(
-        (np.arange(n) * affine[a, a] + affine[a, 3]).reshape([-1 if b == a else 1 for b in range(3)])
-        for a, n in enumerate(shape)
-    )
-
-
-def _largest_components(mask: np.ndarray, keep: int) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(lab.ravel())[1:]
-    order = np.argsort(sizes)[::-1][:keep] + 1
-    return np.isin(lab, order)
-
-
-@lru_cache(maxsize=None)
-def _region_masks() -> dict[str, np.ndarray]:
-    """Boolean MNI-grid masks: brain, ventricles, cerebellum, frontal, control (overlaps allowed)."""
-    t1 = np.asarray(mni152_brain().dataobj, dtype=np.float32)
-    brain = np.asarray(mni152_brain_mask().dataobj) > 0
-    x, y, z = _mni_coordinates(t1.shape, mni152_brain().affine)
-    wm = float(np.percentile(t1[brain], 90))
-    csf_threshold = 0.52 * wm  # midway between CSF (~0.25 wm) and GM (~0.8 wm)
-
-    # Lateral ventricles: dark, >= 3 mm inside the brain, near the centre; the two big lateral
-    # components (the third ventricle merges with the cisterns at this threshold and is left out).
-    core = ndi.binary_erosion(brain, iterations=3)
-    box = (np.abs(x) <= 30) & (y >= -55) & (y <= 32) & (z >= -8) & (z <= 35)
-    dark = (t1 < csf_threshold) & core & box
-    lab, n = ndi.label(dark)
-    sizes = np.bincount(lab[dark], minlength=n + 1)
-    mean_x = np.bincount(lab[dark], weights=np.broadcast_to(x, t1.shape)[dark], minlength=n + 1) / np.maximum(sizes, 1)
-    lateral = [i for i in range(1, n + 1) if sizes[i] >= 1000 and abs(mean_x[i]) > 5]
-    ventricles = np.isin(lab, lateral)
-
-    # Cerebellum: below the tentorium and behind the brainstem; tissue eroded by 1 voxel breaks the
-    # thin links through the tentorium, the components holding seeds in both hemispheres are grown back.
-    below = brain & (y < -30) & (z < 5) & ~((np.abs(x) < 12) & (y > -46))
-    tissue = ndi.binary_erosion(below & (t1 > 0.62 * wm), iterations=1)
-    lab, _ = ndi.label(tissue)
-    seeds = {int(lab[_mni_index(t1.shape, (sx, -70, -35))]) for sx in (-20, 20)} - {0}
-    cerebellum = ndi.binary_dilation(np.isin(lab, list(seeds)), iterations=2, mask=below)
-    cerebellum = ndi.binary_fill_holes(cerebellum)
-
-    # Frontal lobe: in front of a plane through the central sulcus (y=-26 at the vertex, y=0 at the
-    # Sylvian level), above the orbits, temporal poles excluded.
-    frontal = brain & (y > -8 - 0.3 * (z - 10)) & (z > -30) & ~((np.abs(x) > 25) & (z < -5) & (y < 25))
-    frontal &= ~ventricles & ~cerebellum
-
-    # Control: superior parietal brain, >= 15 mm from every group effect.
-    control = brain & (y > -85) & (y < -50) & (z > 25) & ~ventricles & ~cerebellum & ~frontal
-    return {"brain": brain, "ventricles": ventricles, "cerebellum": cerebellum, "frontal": frontal,
-            "control": control}
-
-
-def _mni_index(shape: tuple[int, ...], mm: tuple[float, float, float]) -> tuple[int, int, int]:
-    inv = np.linalg.inv(mni152_brain().affine)
-    return tuple(int(round(v)) for v in (inv[:3, :3] @ np.asarray(mm, float) + inv[:3, 3]))
-
-
-@lru_cache(maxsize=None)
-def _label_image() -> np.ndarray:
-    masks = _region_masks()
-    labels = np.zeros(masks["brain"].shape, np.uint8)
-    labels[masks["brain"]] = _LABEL["other_brain"]
-    # Later wins: ventricles are carved out of every other region.
-    for name in ("control", "frontal", "cerebellum", "ventricles"):
-        labels[masks[name] & masks["brain"]] = _LABEL[name]
-    return labels
-
-
-def _mask_image(data: np.ndarray) -> nib.Nifti1Image:
-    return nib.Nifti1Image(data.astype(np.uint8), mni152_brain().affine)
-
-
-def lateral_ventricles_mask() -> nib.Nifti1Image:
-    """Lateral ventricles of the MNI152 2009a template (uint8, MNI 1 mm grid)."""
-    return _mask_image(_label_image() == _LABEL["ventricles"])
-
-
-def cerebellum_mask() -> nib.Nifti1Image:
-    """Cerebellum (below the tentorium, without brainstem) in MNI space (uint8)."""
-    return _mask_image(_label_image() == _LABEL["cerebellum"])
-
-
-def frontal_mask() -> nib.Nifti1Image:
-    """Frontal lobe (anterior to an approximate central-sulcus plane) in MNI space (uint8)."""
-    return _mask_image(_label_image() == _LABEL["frontal"])
-
-
-def control_mask() -> nib.Nifti1Image:
-    """Superior parietal control region, untouched by the DS deformation (uint8)."""
-    return _mask_image(_label_image() == _LABEL["control"])
-
-
-def region_labels() -> nib.Nifti1Image:
-    """All regions as one label image (values: :data:`REGION_LABELS`) on the MNI 1 mm grid."""
-    return _mask_image(_reference().labels)
-
-
-@lru_cache(maxsize=None)
-def _reference() -> _Reference:
-    mni = mni152_brain()
-    affine = mni.affine
-    t1 = np.asarray(mni.dataobj, dtype=np.float32)
-    masks = _region_masks()
-    brain = masks["brain"]
-    levels = {
-        "csf": float(np.median(t1[masks["ventricles"]])),
-        "wm": float(np.percentile(t1[brain], 90)),
-    }
-    gm_band = t1[brain & (t1 > 0.55 * levels["wm"]) & (t1 < 0.9 * levels["wm"])]
-    hist, edges = np.histogram(gm_band, bins=64)
-    levels["gm"] = float(edges[np.argmax(hist)] + (edges[1] - edges[0]) / 2)
-
-    # Colin27 onto the MNI grid (both 1 mm, axis-aligned; only the origin differs).
-    head_img, colin_brain_img = colin27_head(), colin27_brain()
-    offset = np.linalg.solve(affine, head_img.affine)[:3, 3]
-    if not np.allclose(offset, np.round(offset)) or not np.allclose(head_img.affine[:3, :3], affine[:3, :3]):
-        raise RuntimeError("Colin27 and MNI152 grids are not aligned 1 mm grids")
-    o = np.round(offset).astype(int)
-    colin = np.zeros(t1.shape, np.float32)
-    colin_brain = np.zeros(t1.shape, bool)
-    src = np.asarray(head_img.dataobj, dtype=np.float32)
-    sl = tuple(slice(o[a], o[a] + src.shape[a]) for a in range(3))
-    colin[sl] = src
-    colin_brain[sl] = np.asarray(colin_brain_img.dataobj) > 0
-    colin *= levels["wm"] / float(np.percentile(colin[colin_brain], 90))
-    # Head = Colin27 above the background noise, enclosed dark parts (skull, sinuses) filled.
-    head_mask = ndi.binary_fill_holes(ndi.binary_closing(colin > 0.2 * levels["wm"], iterations=2))
-    head_mask = _largest_components(head_mask, 1)
-    levels["fat"] = float(np.percentile(colin[head_mask & ~colin_brain], 99))
-
-    head = np.where(head_mask, colin, 0).astype(np.float32)
-    head[colin_brain & ~brain] = levels["csf"]            # Colin brain not covered by MNI brain
-    rim = ndi.binary_dilation(brain, iterations=2) & ~brain
-    head[rim] = np.minimum(head[rim], levels["csf"])      # CSF (or darker bone) around the brain
-    head[brain] = t1[brain]
-
-    # Region gradient fields on a 2 mm grid: grad(G_sigma * mask), scaled to max norm 1 so that a
-    # coefficient is the largest boundary shift in mm.
-    f = _REGION_GRID_MM
-    grad_affine = affine.copy()
-    grad_affine[:3, :3] *= f
-
-    def block_mean(mask: np.ndarray) -> np.ndarray:
-        padded = [math.ceil(n / f) * f for n in mask.shape]
-        m = np.zeros(padded, np.float32)
-        m[tuple(slice(0, n) for n in mask.shape)] = mask
-        return m.reshape(padded[0] // f, f, padded[1] // f, f, padded[2] // f, f).mean(axis=(1, 3, 5))
-
-    # Subject warp amplitude: full deep inside the brain (>= ~10 mm), reduced at the outline.
-    deep = ndi.gaussian_filter((ndi.distance_transform_edt(block_mean(brain) > 0.5) * f > 10).astype(np.float32),
-                               4.0 / f)
-    warp_weight = (_SUBJECT_WARP_OUTLINE + (1 - _SUBJECT_WARP_OUTLINE) * deep).astype(np.float32)
-    grads = {}
-    for name, sigma in _REGION_SIGMA_MM.items():
-        m = block_mean(masks[name])
-        phi = ndi.gaussian_filter(m, sigma / f, mode="constant")
-        g = np.stack(np.gradient(phi, float(f)))
-        g /= float(np.sqrt((g ** 2).sum(axis=0)).max())
-        grads[name] = g.astype(np.float32)
-    grad_affine[:3, 3] += (f - 1) / 2 * np.diag(affine)[:3]  # a block's centre
-
-    idx = np.argwhere(brain)
-    box_vox = np.stack([idx.min(axis=0), idx.max(axis=0)])
-    brain_box = box_vox * np.diag(affine)[:3] + affine[:3, 3]
-    hidx = np.argwhere(head_mask[::2, ::2, ::2]) * 2
-    head_centre = (hidx.min(axis=0) + hidx.max(axis=0)) / 2 * np.diag(affine)[:3] + affine[:3, 3]
-    return _Reference(affine=affine, head=head, labels=_label_image(), levels=levels, grad_affine=grad_affine,
-                      grads=grads, warp_weight=warp_weight, brain_box_mm=brain_box, head_centre_mm=head_centre)
-
-
-def reference_head() -> nib.Nifti1Image:
-    """The composite reference head (MNI152 brain in a Colin27 head), MNI units, MNI 1 mm grid."""
-    ref = _reference()
-    return nib.Nifti1Image(ref.head, ref.affine)
 
 
 @lru_cache(maxsize=None)
 def _site_head(site: str) -> np.ndarray:
     """Reference head in the site's contrast (WM = 1); piecewise linear, so one lookup per voxel."""
-    ref = _reference()
+    ref = reference()
     s = SITES[site]
     lv = ref.levels
     knots = [0.0, lv["csf"], lv["gm"], lv["wm"], lv["fat"], 2 * lv["fat"]]
@@ -358,114 +172,124 @@ def _site_head(site: str) -> np.ndarray:
     return np.interp(ref.head, knots, values).astype(np.float32)
 
 
-@lru_cache(maxsize=4)
-def _ds_field(ds_strength: float) -> np.ndarray:
-    """DS local pull-back displacement (mm, (3, ...) on the 2 mm grid) = exp of the stationary velocity
-    ``ds_strength * sum_r shift_r * grad(G * mask_r)`` by scaling and squaring, so it never folds."""
-    ref = _reference()
-    velocity = sum(float(ds_strength) * shift * ref.grads[name]
-                   for name, shift in DS_EFFECTS["boundary_shift_mm"].items())
-    steps = 6
-    u = (velocity / 2.0 ** steps).astype(np.float32)
-    index = np.indices(u.shape[1:], dtype=np.float32)
-    spacing = float(ref.grad_affine[0, 0])
-    for _ in range(steps):
-        coords = index + u / spacing
-        u = u + np.stack([ndi.map_coordinates(u[c], coords, order=1, mode="nearest") for c in range(3)])
-    return u
-
-
-def ds_displacement(ds_strength: float = 1.0) -> nib.Nifti1Image:
-    """The DS local (nonlinear) pull-back displacement in mm, (x, y, z, 3) on the 2 mm MNI grid.
-
-    The global DS size change is linear and not included.
-    """
-    ref = _reference()
-    return nib.Nifti1Image(np.moveaxis(_ds_field(float(ds_strength)), 0, -1), ref.grad_affine)
-
-
-def ds_jacobian(ds_strength: float = 1.0) -> nib.Nifti1Image:
-    """Jacobian determinant of the DS local pull-back ``m = v + u(v)`` on the 2 mm MNI grid.
-
-    < 1 where DS regions are larger (ventricles), > 1 where they are smaller, 1 elsewhere.
-    """
-    img = ds_displacement(ds_strength)
-    u = np.moveaxis(np.asarray(img.dataobj), -1, 0).astype(np.float64)
-    step = float(img.affine[0, 0])
-    jac = np.empty((3, 3) + u.shape[1:])
-    for a in range(3):
-        for b, d in enumerate(np.gradient(u[a], step)):
-            jac[a, b] = d + (a == b)
-    det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
-    return nib.Nifti1Image(det.astype(np.float32), img.affine)
-
-
 # --------------------------------------------------------------------------------------------------
 # The plan: every scan, its group and covariates (cheap, no image work)
 # --------------------------------------------------------------------------------------------------
 
-def _rng(seed: int, *keys: object) -> np.random.Generator:
-    """A generator that depends only on the seed and the keys (stable across processes, runs and n_jobs)."""
-    words = [int.from_bytes(hashlib.sha256(repr(k).encode()).digest()[:8], "little") for k in keys]
-    return np.random.default_rng([int(seed), *words])
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{name}: must be a number in [0, 1] (got {value!r})")
+    return float(value)
 
 
-def _check_plan_args(n_subjects: int, seed: int, ds_fraction: float, sites: tuple[str, ...] | list[str],
-                     session_fraction: float) -> tuple[str, ...]:
-    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or n_subjects < 1:
-        raise ConfigError(f"subjects: must be an integer >= 1 (got {n_subjects!r})")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed: must be an integer >= 0 (got {seed!r})")
-    if not (isinstance(ds_fraction, (int, float)) and 0.0 <= ds_fraction <= 1.0):
-        raise ConfigError(f"ds_fraction: must be a number in [0, 1] (got {ds_fraction!r})")
-    if not (isinstance(session_fraction, (int, float)) and 0.0 <= session_fraction <= 1.0):
-        raise ConfigError(f"session_fraction: must be a number in [0, 1] (got {session_fraction!r})")
+def _check_count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum} (got {value!r})")
+    return int(value)
+
+
+def site_counts(n_subjects: int | None, ds_fraction: float, sites: Any) -> dict[str, tuple[int, float]]:
+    """Subjects and DS fraction per site: ``sites`` is a list of names (``n_subjects`` dealt to them in turn,
+    one ``ds_fraction``) or a mapping name -> ``{subjects, ds_fraction}`` (``n_subjects`` None or the sum)."""
     if isinstance(sites, str):
         sites = (sites,)
-    sites = tuple(sites)
-    if not sites or len(set(sites)) != len(sites):
-        raise ConfigError(f"sites: must be a non-empty list of distinct site names (got {sites!r})")
-    unknown = [s for s in sites if s not in SITES]
+    if isinstance(sites, dict):
+        counts = {}
+        for name, entry in sites.items():
+            entry = entry or {}
+            unknown = set(entry) - {"subjects", "ds_fraction"}
+            if unknown:
+                raise ConfigError(f"sites.{name}: unknown key(s) {sorted(unknown)}; allowed: subjects, ds_fraction")
+            counts[name] = (_check_count(f"sites.{name}.subjects", entry.get("subjects"), 1),
+                            _check_fraction(f"sites.{name}.ds_fraction", entry.get("ds_fraction", ds_fraction)))
+        total = sum(n for n, _ in counts.values())
+        if n_subjects is not None and _check_count("subjects", n_subjects, 1) != total:
+            raise ConfigError(f"subjects: {n_subjects} differs from the sites' subjects ({total})")
+    else:
+        names = tuple(sites)
+        n = _check_count("subjects", n_subjects, 1)
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"sites: must be a non-empty list of distinct site names (got {names!r})")
+        counts = {name: (len(range(i, n, len(names))), _check_fraction("ds_fraction", ds_fraction))
+                  for i, name in enumerate(names)}
+    if not counts:
+        raise ConfigError("sites: must name at least one site")
+    unknown = [s for s in counts if s not in SITES]
     if unknown:
         raise ConfigError(f"sites: unknown demo site(s) {unknown}; available: {sorted(SITES)}")
-    return sites
+    return counts
 
 
-def plan_cohort(n_subjects: int, seed: int, ds_fraction: float = 0.4, sites: tuple[str, ...] = ("IXI", "HCP"),
-                session_fraction: float = 0.1) -> list[dict[str, Any]]:
+def _check_strength(ds_strength: object) -> float:
+    if isinstance(ds_strength, bool) or not (isinstance(ds_strength, (int, float)) and math.isfinite(ds_strength)
+                                             and 0.0 <= ds_strength <= 3.0):
+        raise ConfigError(f"ds_strength: must be a number in [0, 3] (got {ds_strength!r})")
+    return float(ds_strength)
+
+
+def _ad_stage(age: float, noise: float) -> str:
+    score = (age - _AD_AGE_CENTRE) / _AD_AGE_SCALE + noise
+    return AD_STAGES[int(np.searchsorted(_AD_CUTS, score))]
+
+
+def plan_cohort(n_subjects: int | None, seed: int, ds_fraction: float = 0.4, sites: Any = ("IXI", "HCP"),
+                session_fraction: float = 0.1, ds_strength: float = 1.0) -> list[dict[str, Any]]:
     """Every scan of the cohort, without any image work; deterministic in its arguments.
 
-    Subjects are dealt to the sites in turn; within each site a ``ds_fraction`` share (at least one and
-    at least one euploid, when the site has two subjects or more) is DS, so group and site are not
-    confounded. ``round(session_fraction * n_subjects)`` subjects (at least one when
+    ``sites``: see :func:`site_counts`. Within each site a ``ds_fraction`` share (at least one and at least one
+    euploid, when the site has two subjects or more and 0 < ds_fraction < 1) is DS, so group and site are not
+    confounded. Ages are uniform in the site's range for each group (SantPau and ABCDS: the same range, so
+    age does not predict group); DS subjects get a DS-AD stage that rises with age and an intellectual
+    disability grade. ``round(session_fraction * n_subjects)`` subjects (at least one when
     ``session_fraction > 0`` and there are two subjects or more) have ``ses-1`` and ``ses-2``; the
-    others have no session level. One dict per scan with keys ``dataset, subject, session, run,
-    group, age, sex, path`` (path relative to the output folder).
+    others have no session level. One dict per scan with keys ``dataset, subject, session, run, group,
+    age, sex, ad_stage, id_grade, icv_ml, space, path`` (path relative to the output folder); ``icv_ml``,
+    the true intracranial volume, depends on ``ds_strength`` (DS heads are smaller).
     """
-    sites = _check_plan_args(n_subjects, seed, ds_fraction, sites, session_fraction)
-    n = int(n_subjects)
+    counts = site_counts(n_subjects, ds_fraction, sites)
+    ds_strength = _check_strength(ds_strength)
+    _check_count("seed", seed, 0)
+    session_fraction = _check_fraction("session_fraction", session_fraction)
+    n = sum(k for k, _ in counts.values())
     n_two = 0 if session_fraction <= 0 or n < 2 else max(1, int(round(session_fraction * n)))
-    two_sessions = set(_rng(seed, "sessions").permutation(n)[:n_two].tolist())
-    width = max(3, len(str(math.ceil(n / len(sites)))))
-    records = []
-    for site_index, site in enumerate(sites):
-        members = list(range(site_index, n, len(sites)))  # global subject indices of this site
-        k = len(members)
-        rng = _rng(seed, "plan", site)
-        n_ds = int(round(ds_fraction * k))
-        if 0 < ds_fraction < 1 and k >= 2:
+    two_sessions = set(rng(seed, "sessions").permutation(n)[:n_two].tolist())
+    width = max(3, len(str(max(k for k, _ in counts.values()))))
+    records, first_index = [], 0
+    grades, shares = list(ID_GRADES), np.asarray(list(ID_GRADES.values()))
+    for site, (k, fraction) in counts.items():
+        draws = rng(seed, "plan", site)
+        n_ds = int(round(fraction * k))
+        if 0 < fraction < 1 and k >= 2:
             n_ds = min(max(n_ds, 1), k - 1)
-        ds_members = set(rng.permutation(k)[:n_ds].tolist())
-        for number, global_index in enumerate(members, start=1):
+        ds_members = set(draws.permutation(k)[:n_ds].tolist())
+        info = SITES[site]
+        # Ages are stratified within each group (the i-th of n members of a group falls in the i-th n-quantile
+        # of its age range, in random order): with the same range for both groups, as at SantPau and ABCDS,
+        # the groups are age-matched by design, not by luck.
+        stratum = {}
+        for group in GROUPS:
+            members = [i for i in range(k) if (i in ds_members) == (group == "DS")]
+            stratum.update(zip(members, draws.permutation(len(members)).tolist()))
+        group_size = {"DS": len(ds_members), "euploid": k - len(ds_members)}
+        for number in range(1, k + 1):
+            # Every draw is made for every subject, whatever the group, so streams never shift.
+            position, sex_draw, stage_noise, grade_draw = draws.random(), draws.random(), draws.normal(), draws.random()
             group = "DS" if number - 1 in ds_members else "euploid"
-            low, high = _DS_AGE if group == "DS" else SITES[site].euploid_age
-            age = int(rng.integers(low, high + 1))
-            sex = "F" if rng.random() < 0.5 else "M"
-            subject = f"{SITES[site].prefix}{number:0{width}d}"
-            for session in (("1", "2") if global_index in two_sessions else (None,)):
+            low, high = info.ds_age if group == "DS" else info.euploid_age
+            age = round(low + (stratum[number - 1] + position) / group_size[group] * (high - low), 1)
+            is_ds = group == "DS"
+            subject = f"{info.prefix}{number:0{width}d}"
+            row = {"group": group, "age": age, "sex": "F" if sex_draw < 0.5 else "M",
+                   "ad_stage": _ad_stage(age, stage_noise) if is_ds else NOT_APPLICABLE,
+                   "id_grade": grades[int(np.searchsorted(np.cumsum(shares), grade_draw * shares.sum()))]
+                   if is_ds else NOT_APPLICABLE}
+            anatomy = subject_anatomy({"dataset": site, "subject": subject, **row}, seed, ds_strength)
+            row["icv_ml"] = round(anatomy.icv_ml, 1)
+            for session in (("1", "2") if first_index + number - 1 in two_sessions else (None,)):
                 path = f"{site}/{scan_dir(subject, session)}/{scan_key(subject, session)}_T1w.nii.gz"
-                records.append({"dataset": site, "subject": subject, "session": session, "run": None,
-                                "group": group, "age": age, "sex": sex, "path": path})
+                records.append({"dataset": site, "subject": subject, "session": session, "run": None, **row,
+                                "space": info.space, "path": path})
+        first_index += k
     return records
 
 
@@ -473,12 +297,12 @@ def truth_paths(record: dict[str, Any]) -> dict[str, str]:
     """Ground-truth files of one planned scan, relative to the output folder (outside every BIDS root)."""
     sub, ses = record["subject"], record.get("session")
     stem = f"truth/{record['dataset']}/{scan_dir(sub, ses)}/{scan_key(sub, ses)}"
-    return {
-        "truth": f"{stem}_truth.json",
-        "biasfield": f"{stem}_desc-biasfield_truth.nii.gz",
-        "brain_mask": f"{stem}_desc-brain_mask.nii.gz",
-        "regions": f"{stem}_desc-regions_dseg.nii.gz",
-    }
+    files = {"truth": f"{stem}_truth.json"}
+    if record.get("space", NATIVE) == NATIVE:  # template-space scans are bias-corrected: no bias field
+        files["biasfield"] = f"{stem}_desc-biasfield_truth.nii.gz"
+    files["brain_mask"] = f"{stem}_desc-brain_mask.nii.gz"
+    files["regions"] = f"{stem}_desc-regions_dseg.nii.gz"
+    return files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,75 +343,48 @@ class _Scan:
     site: Site
     grid: np.ndarray                 # native voxel -> scanner mm
     scanner_to_t: np.ndarray         # scanner mm -> MNI mm, pose and global sizes only
-    lattice: np.ndarray              # (3, ...) subject displacement at lattice nodes (mm)
-    lattice_origin: np.ndarray
-    ds_strength: float               # DS local deformation strength (0 for euploid subjects)
-    ventricle_shift: float           # subject's own ventricle boundary shift (mm)
+    anatomy: SubjectAnatomy          # the subject's global size and local shape
     bias_lattice: np.ndarray
     gain: float
     rng: np.random.Generator         # continues into the noise
     params: dict[str, Any]
 
 
-def _lattice_shape(ref: _Reference) -> tuple[np.ndarray, tuple[int, int, int]]:
-    # covers the head with one node of margin on each side
-    lo = ref.affine[:3, 3] - _SUBJECT_WARP_SPACING_MM
-    hi = ref.affine[:3, 3] + (np.asarray(ref.head.shape) - 1) + _SUBJECT_WARP_SPACING_MM
-    shape = tuple(int(v) for v in np.ceil((hi - lo) / _SUBJECT_WARP_SPACING_MM) + 1)
-    return lo, shape
-
-
 def _make_scan(record: dict[str, Any], seed: int, ds_strength: float) -> _Scan:
-    ref = _reference()
+    ref = reference()
     site = SITES[record["dataset"]]
-    is_ds = record["group"] == "DS"
-
-    # Anatomy: drawn from (seed, subject) only; group and ds_strength act deterministically on top.
-    anat = _rng(seed, "anatomy", record["dataset"], record["subject"])
-    log_scale = anat.normal(_SUBJECT_MEAN_LOG_SCALE, _SUBJECT_LOG_SCALE_SD, 3)
-    shear = anat.normal(0.0, _SUBJECT_SHEAR_SD, 3)
-    lattice_origin, lattice_shape = _lattice_shape(ref)
-    lattice = anat.normal(0.0, _SUBJECT_WARP_SD_MM, (3, *lattice_shape)).astype(np.float32)
-    ventricle_shift = float(np.clip(anat.normal(0.0, _SUBJECT_VENTRICLE_SD_MM), -2 * _SUBJECT_VENTRICLE_SD_MM,
-                                    2 * _SUBJECT_VENTRICLE_SD_MM))
+    # Anatomy: drawn from (seed, subject) only; group, age and ds_strength act deterministically on top.
+    anatomy = subject_anatomy(record, seed, ds_strength)
 
     # Acquisition: drawn from (seed, subject, session), so a second session is a new scan of the same head.
-    acq = _rng(seed, "scan", record["dataset"], record["subject"], record.get("session") or "")
+    acq = rng(seed, "scan", record["dataset"], record["subject"], record.get("session") or "")
     angles = acq.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG, 3)
     translation = acq.uniform(-_MAX_TRANSLATION_MM, _MAX_TRANSLATION_MM, 3)
     fov_offset = acq.uniform(-_MAX_FOV_OFFSET_MM, _MAX_FOV_OFFSET_MM, 3)
     gain = float(acq.uniform(0.9, 1.1))
     bias_lattice = acq.normal(0.0, site.bias_log_sd, (_BIAS_LATTICE,) * 3)
 
-    ds_scale = np.asarray(DS_EFFECTS["global_scale"], float) ** (ds_strength if is_ds else 0.0)
-    shear_matrix = np.array([[1.0, shear[0], shear[1]], [0.0, 1.0, shear[2]], [0.0, 0.0, 1.0]])
-    size = np.diag(ds_scale) @ np.diag(np.exp(log_scale)) @ shear_matrix  # subject = centre + size @ (t - centre)
     centre = ref.brain_box_mm.mean(axis=0)
-    t_to_s = _homogeneous(np.eye(3), centre) @ _homogeneous(size) @ _homogeneous(np.eye(3), -centre)
+    t_to_s = _homogeneous(np.eye(3), centre) @ _homogeneous(anatomy.size) @ _homogeneous(np.eye(3), -centre)
     rotation = _rotation(angles)
     s_to_x = _homogeneous(rotation, translation)
     t_to_x = s_to_x @ t_to_s
     fov_centre = (t_to_x @ np.append(ref.head_centre_mm, 1.0))[:3] + fov_offset
     grid = _site_grid(site, fov_centre)
-
+    is_ds = record["group"] == "DS"
     params = {
         "pose": {"rotation_deg": angles.tolist(), "translation_mm": translation.tolist(),
                  "rotation_matrix": rotation.tolist(), "fov_offset_mm": fov_offset.tolist(),
                  "convention": "scanner_mm = R @ head_mm + t; rotation R = Rz @ Ry @ Rx"},
-        "subject_log_scale": log_scale.tolist(),
-        "subject_shear": shear.tolist(),
-        "ds_global_scale": ds_scale.tolist(),
-        "size_matrix": size.tolist(),
+        **anatomy.params(),
+        "ds_global_scale": (np.asarray(DS_EFFECTS["global_scale"], float) ** (ds_strength if is_ds else 0.0)).tolist(),
         "ds_local_strength": ds_strength if is_ds else 0.0,
         "ds_boundary_shift_mm": {name: (ds_strength * shift if is_ds else 0.0)
                                  for name, shift in DS_EFFECTS["boundary_shift_mm"].items()},
-        "subject_ventricle_shift_mm": ventricle_shift,
         "gain": gain,
     }
-    return _Scan(record=record, site=site, grid=grid, scanner_to_t=np.linalg.inv(t_to_x), lattice=lattice,
-                 lattice_origin=lattice_origin, ds_strength=ds_strength if is_ds else 0.0,
-                 ventricle_shift=ventricle_shift, bias_lattice=bias_lattice, gain=gain,
-                 rng=acq, params=params)
+    return _Scan(record=record, site=site, grid=grid, scanner_to_t=np.linalg.inv(t_to_x), anatomy=anatomy,
+                 bias_lattice=bias_lattice, gain=gain, rng=acq, params=params)
 
 
 def _steps(site: Site) -> tuple[int, int, int]:
@@ -640,7 +437,7 @@ class _Upsampler:
         return out
 
 
-def _map_coarse(scan: _Scan, ref: _Reference) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _map_coarse(scan: _Scan, ref: Reference) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact MNI mm of the coarse native nodes: returns (MNI mm (3, *rev), scanner mm (3, *rev), axes)."""
     steps = _steps(scan.site)
     axes = [_coarse_nodes(n, f) for n, f in zip(scan.site.shape, steps)]
@@ -650,22 +447,7 @@ def _map_coarse(scan: _Scan, ref: _Reference) -> tuple[np.ndarray, np.ndarray, n
                         + scan.grid[r, 3] for r in range(3)])
     a = scan.scanner_to_t
     t = np.einsum("rc,c...->r...", a[:3, :3], scanner) + a[:3, 3].reshape(3, 1, 1, 1)
-    # subject random warp (interpolating cubic spline through the lattice values)
-    lattice_coords = (t - scan.lattice_origin.reshape(3, 1, 1, 1)) / _SUBJECT_WARP_SPACING_MM
-    inv = np.linalg.inv(ref.grad_affine)
-    weight = ndi.map_coordinates(ref.warp_weight, np.einsum("rc,c...->r...", inv[:3, :3], t)
-                                 + inv[:3, 3].reshape(3, 1, 1, 1), order=1, mode="nearest")
-    v = t + weight * np.stack([ndi.map_coordinates(scan.lattice[c], lattice_coords, order=3, mode="nearest")
-                               for c in range(3)])
-    # the subject's own ventricle size (small, linear), then the DS local deformation (diffeomorphic)
-    def lookup(field: np.ndarray, points: np.ndarray) -> np.ndarray:
-        grid = np.einsum("rc,c...->r...", inv[:3, :3], points) + inv[:3, 3].reshape(3, 1, 1, 1)
-        return np.stack([ndi.map_coordinates(field[c], grid, order=1, mode="constant") for c in range(3)])
-
-    m = v + scan.ventricle_shift * lookup(ref.grads["ventricles"], v) if scan.ventricle_shift else v
-    if scan.ds_strength:
-        m = m + lookup(_ds_field(scan.ds_strength), m)
-    return m, scanner, axes
+    return pull_back(scan.anatomy, t), scanner, axes
 
 
 class _Volume:
@@ -725,7 +507,7 @@ class _Volume:
 @lru_cache(maxsize=8)
 def _permuted(name: str, perm: tuple[int, int, int]) -> _Volume:
     """A reference volume with axes permuted so that the native contiguous axis walks contiguous memory."""
-    data = _reference().labels if name == "labels" else _site_head(name)
+    data = reference().labels if name == "labels" else _site_head(name)
     return _Volume(np.ascontiguousarray(data.transpose(perm)))
 
 
@@ -744,7 +526,7 @@ def _simulate(record: dict[str, Any], seed: int, ds_strength: float, images: boo
             timings[name] = timings.get(name, 0.0) + now - clock
             clock = now
 
-    ref = _reference()
+    ref = reference()
     scan = _make_scan(record, seed, ds_strength)
     site = scan.site
     m_coarse, scanner_coarse, axes = _map_coarse(scan, ref)
@@ -831,7 +613,8 @@ def _simulate(record: dict[str, Any], seed: int, ds_strength: float, images: boo
     truth = {
         "dataset": record["dataset"], "site": record["dataset"], "subject": record["subject"],
         "session": record.get("session"), "run": record.get("run"), "group": record["group"],
-        "seed": int(seed), "ds_strength": float(ds_strength),
+        "age": record.get("age"), "sex": record.get("sex"), "ad_stage": record.get("ad_stage"),
+        "seed": int(seed), "ds_strength": float(ds_strength), "space": NATIVE,
         "native_to_mni_affine": fitted.tolist(),
         "native_to_mni_affine_linear": scan.scanner_to_t.tolist(),
         "affine_fit_residual_rms_mm": residual,
@@ -894,17 +677,30 @@ def generate_scan(record: dict[str, Any], out_dir: str | Path, seed: int, ds_str
                   timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Write one planned scan (T1w, sidecar, truth files); returns its truth dictionary."""
     out = Path(out_dir)
-    result = _simulate(record, seed, ds_strength, timings=timings)
+    site = SITES[record["dataset"]]
+    template = record.get("space", NATIVE) != NATIVE
+    if template:
+        clock = time.perf_counter()
+        result = simulate_template_scan(record, seed, ds_strength, _resampled_site_head(site.name), site.noise,
+                                        site.wm_counts)
+        if timings is not None:
+            timings["images"] = timings.get("images", 0.0) + time.perf_counter() - clock
+    else:
+        result = _simulate(record, seed, ds_strength, timings=timings)
     clock = time.perf_counter()
     truth, grid = result["truth"], result["grid"]
-    site = SITES[record["dataset"]]
     t1w_path = out / record["path"]
     _save_nifti(result["t1w"], grid, t1w_path, description=f"{_GENERATOR} synthetic T1w",
                 strategy=zlib.Z_HUFFMAN_ONLY)
-    _write_json(t1w_path.with_name(t1w_path.name.replace(".nii.gz", ".json")), dict(site.sidecar))
+    sidecar = dict(site.sidecar)
+    if template:
+        sidecar["SkullStripped"] = True
+        sidecar["SpatialReference"] = f"MNI space {record['space']}, 2 mm (nilearn's MNI152 2009 grid)"
+    _write_json(t1w_path.with_name(t1w_path.name.replace(".nii.gz", ".json")), sidecar)
     files = truth_paths(record)
-    _save_nifti(result["bias"], grid, out / files["biasfield"], description="true multiplicative bias field",
-                slope=_BIAS_SLOPE)
+    if "biasfield" in files:
+        _save_nifti(result["bias"], grid, out / files["biasfield"], description="true multiplicative bias field",
+                    slope=_BIAS_SLOPE)
     labels = result["labels"]
     _save_nifti((labels > 0).astype(np.uint8), grid, out / files["brain_mask"], description="true brain mask",
                 strategy=zlib.Z_RLE)
@@ -915,6 +711,11 @@ def generate_scan(record: dict[str, Any], out_dir: str | Path, seed: int, ds_str
     if timings is not None:
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - clock
     return truth
+
+
+@lru_cache(maxsize=None)
+def _resampled_site_head(site: str) -> np.ndarray:
+    return resampled_head(_site_head(site))
 
 
 def _generate_job(args: tuple[dict[str, Any], str, int, float]) -> str:
@@ -944,76 +745,88 @@ def _prepare_site_root(root: Path) -> None:
                               "GeneratedBy": [{"Name": _GENERATOR, "Version": __version__}]})
 
 
-def _write_site_metadata(out: Path, site: str, records: list[dict[str, Any]], n_subjects: int, seed: int,
-                         ds_strength: float, ds_fraction: float) -> None:
+#: participants.tsv columns after participant_id, and their participants.json descriptions.
+PARTICIPANT_COLUMNS: dict[str, dict[str, Any]] = {
+    "group": {"Description": "simulated group", "Levels": {"euploid": "typical brain morphology",
+                                                           "DS": "Down-syndrome-like morphology"}},
+    "age": {"Description": "age at first scan", "Units": "year"},
+    "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
+    "ad_stage": {"Description": "DS-AD clinical stage (DS only; n/a for euploid)",
+                 "Levels": {stage: stage for stage in AD_STAGES}},
+    "id_grade": {"Description": "intellectual disability grade (DS only; n/a for euploid)",
+                 "Levels": {grade: grade for grade in ID_GRADES}},
+    "icv_ml": {"Description": "true intracranial volume (native space)", "Units": "mL"},
+}
+
+
+def _write_site_metadata(out: Path, site: str, records: list[dict[str, Any]], seed: int, ds_strength: float,
+                         ds_fraction: float) -> None:
     root = out / site
+    rows = {}
+    for r in records:
+        rows.setdefault(r["subject"], r)
     _write_json(root / "dataset_description.json", {
         "Name": f"brainvae synthetic demo cohort, site {site}",
         "BIDSVersion": "1.10.0",
         "DatasetType": "raw",
         "License": "Derived from the MNI152 2009a and Colin27 templates; see their licences",
         "GeneratedBy": [{"Name": _GENERATOR, "Version": __version__,
-                         "Description": f"subjects={n_subjects} seed={seed} ds_strength={ds_strength} "
-                                        f"ds_fraction={ds_fraction}; ground truth in ../truth"}],
+                         "Description": f"subjects={len(rows)} seed={seed} ds_strength={ds_strength} "
+                                        f"ds_fraction={ds_fraction} space={SITES[site].space}; "
+                                        "ground truth in ../truth"}],
     })
-    rows = {}
-    for r in records:
-        rows.setdefault(r["subject"], r)
-    lines = ["participant_id\tgroup\tage\tsex"]
-    lines += [f"sub-{s}\t{r['group']}\t{r['age']}\t{r['sex']}" for s, r in sorted(rows.items())]
+    lines = ["\t".join(["participant_id", *PARTICIPANT_COLUMNS])]
+    lines += ["\t".join([f"sub-{s}", *(str(r[c]) for c in PARTICIPANT_COLUMNS)]) for s, r in sorted(rows.items())]
     (root / "participants.tsv").write_text("\n".join(lines) + "\n")
-    _write_json(root / "participants.json", {
-        "group": {"Description": "simulated group", "Levels": {"euploid": "typical brain morphology",
-                                                               "DS": "Down-syndrome-like morphology"}},
-        "age": {"Description": "age at first scan", "Units": "year"},
-        "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
-    })
+    _write_json(root / "participants.json", PARTICIPANT_COLUMNS)
+    kind = ("skull-stripped and registered to the 2 mm MNI152 2009a grid (template space)"
+            if SITES[site].space != NATIVE else "raw, in scanner space")
     (root / "README").write_text(
-        f"Synthetic T1w scans (site {site}) generated by brainvae.demo_cohort from the MNI152 2009a brain in a\n"
-        "Colin27 head. Not real data. Ground truth (affines, bias fields, brain masks, region volumes) lies\n"
-        "in ../truth, outside this BIDS root.\n")
+        f"Synthetic T1w scans (site {site}, {kind}) generated by brainvae.demo_cohort from the MNI152 2009a\n"
+        "brain in a Colin27 head. Not real data. Ground truth (affines, bias fields, brain masks, region\n"
+        "volumes) lies in ../truth, outside this BIDS root.\n")
 
 
-def generate_cohort(out_dir: str | Path, n_subjects: int, seed: int, ds_strength: float = 1.0,
-                    ds_fraction: float = 0.4, sites: tuple[str, ...] = ("IXI", "HCP"), n_jobs: int = 1,
+def generate_cohort(out_dir: str | Path, n_subjects: int | None, seed: int, ds_strength: float = 1.0,
+                    ds_fraction: float = 0.4, sites: Any = ("IXI", "HCP"), n_jobs: int = 1,
                     session_fraction: float = 0.1) -> list[dict[str, Any]]:
     """Write the whole cohort under ``out_dir`` and return the plan (see :func:`plan_cohort`).
 
     ``out_dir/<site>/`` is one BIDS root per site; ``out_dir/truth/`` holds the ground truth. The bytes
     depend only on the arguments (not on ``n_jobs``).
     """
-    plan = plan_cohort(n_subjects, seed, ds_fraction=ds_fraction, sites=sites, session_fraction=session_fraction)
-    if not (isinstance(ds_strength, (int, float)) and math.isfinite(ds_strength) and 0.0 <= ds_strength <= 3.0):
-        raise ConfigError(f"ds_strength: must be a number in [0, 3] (got {ds_strength!r})")
+    ds_strength = _check_strength(ds_strength)
+    plan = plan_cohort(n_subjects, seed, ds_fraction=ds_fraction, sites=sites, session_fraction=session_fraction,
+                       ds_strength=ds_strength)
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
         raise ConfigError(f"n_jobs: must be an integer >= 1 (got {n_jobs!r})")
-    sites = tuple([sites] if isinstance(sites, str) else sites)
+    counts = site_counts(n_subjects, ds_fraction, sites)
     out = Path(out_dir)
-    for site in sites:
+    for site, (_, fraction) in counts.items():
         _prepare_site_root(out / site)
         truth_root = out / "truth" / site
         if truth_root.exists():
             shutil.rmtree(truth_root)
-        _write_site_metadata(out, site, [r for r in plan if r["dataset"] == site], n_subjects, seed,
-                             ds_strength, ds_fraction)
-    ref = _reference()
+        _write_site_metadata(out, site, [r for r in plan if r["dataset"] == site], seed, ds_strength, fraction)
+    ref = reference()
     _save_nifti(ref.labels, ref.affine, out / "truth" / f"space-{MNI_SPACE}_desc-regions_dseg.nii.gz",
                 description="demo regions in MNI space", strategy=zlib.Z_RLE)
     (out / "truth" / "desc-regions_dseg.tsv").write_text(
         "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in REGION_LABELS.items()))
     _write_json(out / "truth" / "cohort.json", {
-        "generator": _GENERATOR, "version": __version__, "subjects": int(n_subjects), "seed": int(seed),
-        "ds_strength": float(ds_strength), "ds_fraction": float(ds_fraction), "sites": list(sites),
-        "session_fraction": float(session_fraction), "ds_effects": DS_EFFECTS, "mni_space": MNI_SPACE,
+        "generator": _GENERATOR, "version": __version__, "subjects": sum(k for k, _ in counts.values()),
+        "seed": int(seed), "ds_strength": ds_strength,
+        "sites": {site: {"subjects": k, "ds_fraction": f, "space": SITES[site].space}
+                  for site, (k, f) in counts.items()},
+        "session_fraction": float(session_fraction), "population": POPULATION, "ds_effects": DS_EFFECTS,
+        "ad_effects": AD_EFFECTS, "mni_space": MNI_SPACE,
         "scans": [{**r, "truth": truth_paths(r)["truth"]} for r in plan],
     })
 
-    jobs = [(r, str(out), int(seed), float(ds_strength)) for r in plan]
+    jobs = [(r, str(out), int(seed), ds_strength) for r in plan]
     if n_jobs > 1 and len(jobs) > 1:
-        for site in sites:  # built once here and inherited by the forked workers
-            _site_head(site)
-        if ds_strength and any(r["group"] == "DS" for r in plan):
-            _ds_field(float(ds_strength))
+        for site in counts:  # built once here and inherited by the forked workers
+            _resampled_site_head(site) if SITES[site].space != NATIVE else _site_head(site)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=context) as pool:

@@ -45,7 +45,33 @@ def demo_plan(config: dict[str, Any]) -> list[dict[str, Any]]:
     from .demo_cohort import plan_cohort
 
     demo = config["demo"]
-    return plan_cohort(demo["subjects"], demo["seed"], ds_fraction=demo["ds_fraction"], sites=demo_sites(config))
+    return plan_cohort(None, demo["seed"], sites=demo_site_settings(config), session_fraction=demo["session_fraction"],
+                       ds_strength=demo["ds_strength"])
+
+
+def demo_site_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{site: {subjects, ds_fraction}}`` of the sites the demo datasets point at (``demo.sites``), checked:
+    every such site is configured in demo.sites, and a dataset's ``space`` is the space the site is made in."""
+    from .demo_cohort import SITES
+
+    settings = config["demo"]["sites"]
+    out = {}
+    for dataset in config["datasets"]:
+        if not is_demo_dataset(dataset, config):
+            continue
+        site = demo_site(dataset, config)
+        if site not in SITES:
+            raise ConfigError(f"datasets: {dataset['name']}: {dataset['bids_dir']} is not a demo site "
+                              f"(demo sites: {', '.join(SITES)})")
+        if site not in settings:
+            raise ConfigError(f"demo.sites: no entry for site {site!r} (dataset {dataset['name']}); "
+                              f"configured: {', '.join(settings) or 'none'}")
+        space = dataset.get("space", "native")
+        if space != SITES[site].space:
+            raise ConfigError(f"datasets: {dataset['name']}: space is {space!r} but the demo makes site {site} in "
+                              f"{SITES[site].space!r}; set space: {SITES[site].space}")
+        out[site] = {"ds_fraction": 0.0, **settings[site]}
+    return out
 
 
 def demo_sites(config: dict[str, Any]) -> tuple[str, ...]:

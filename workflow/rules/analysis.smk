@@ -298,7 +298,8 @@ rule analysis_tasks_table:
     log:
         f"{LOGS}/analysis/tasks_table.log",
     params:
-        tables_dir=TABLES_DIR,
+        # <tables>/classification.tsv -> <tables>, derived from the output (no hard-coded prefix).
+        tables_dir=lambda wildcards, output: os.path.dirname(output.tsv),
         tasks=TASK_NAMES,
     threads: 1
     resources:

@@ -2,7 +2,7 @@
 
 import os
 
-from brainvae.workflow import demo_plan, demo_sites
+from brainvae.workflow import demo_plan, demo_site_settings, demo_sites
 
 DEMO_SITES = demo_sites(config)
 
@@ -19,11 +19,10 @@ if DEMO_SITES:
         params:
             # <out_dir>/<site>/participants.tsv -> <out_dir>, derived from the outputs (no hard-coded prefix).
             out_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.participants[0])),
-            subjects=config["demo"]["subjects"],
             seed=config["demo"]["seed"],
             ds_strength=config["demo"]["ds_strength"],
-            ds_fraction=config["demo"]["ds_fraction"],
-            sites=list(DEMO_SITES),
+            session_fraction=config["demo"]["session_fraction"],
+            sites=demo_site_settings(config),
         # Snakemake caps this at --cores; reading workflow.cores would break --report and --lint.
         threads: 8
         resources:
