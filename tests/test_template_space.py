@@ -114,3 +114,13 @@ def test_workflow_sends_each_scan_to_its_chain(tmp_path):
         template_jobs = {scan for rule, scan in jobs if rule == "preprocess_template_scan"}
         assert template_jobs == {"sub-t01/anat/sub-t01", "sub-t02/ses-1/anat/sub-t02_ses-1",
                                  "sub-t02/ses-2/anat/sub-t02_ses-2", "sub-t03/anat/sub-t03"}
+
+
+def test_a_template_space_dataset_without_icv_is_noted():
+    from brainvae.workflow import template_space_notes
+
+    with_icv = {"name": "A", "space": "MNI152NLin2009aSym", "covariates": ["age", "icv_ml"]}
+    without = {"name": "B", "space": "MNI152NLin2009aSym", "covariates": ["age"]}
+    native = {"name": "C", "covariates": ["age"]}
+    notes = template_space_notes([with_icv, without, native])
+    assert len(notes) == 1 and "dataset B" in notes[0] and "icv_ml" in notes[0]

@@ -165,6 +165,15 @@ def resolve_one_job_per_scan(setting: bool | str, n_scans: int) -> bool:
     return setting
 
 
+def template_space_notes(datasets: list[dict[str, Any]]) -> list[str]:
+    """A note per template-space dataset that lists no ``icv_ml`` covariate: registration removed its heads'
+    size, so the TIV confound would fall back to a template-space brain volume, which says nothing about it."""
+    return [f"brainvae: dataset {d['name']} is in template space ({d['space']}) but lists no icv_ml covariate: "
+            "its TIV confound is the template-space brain volume, not the native intracranial volume (add a "
+            "participants.tsv column icv_ml and list it in the dataset's covariates)"
+            for d in datasets if d.get("space", "native") != "native" and "icv_ml" not in d.get("covariates", [])]
+
+
 def job_layout_hint(n_scans: int, one_job_per_scan: bool | str) -> str | None:
     """A note for the start of a run on a large cohort: which job layout ``auto`` chose, or that one job per
     preprocessing step (set explicitly) makes planning slow; None for smaller cohorts."""

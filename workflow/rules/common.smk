@@ -18,7 +18,8 @@ from brainvae.config import validate_config
 from brainvae.failures import read_failed_inputs, records_dir, split_failed_inputs, write_failed_inputs
 from brainvae.inputs import read_samples, write_samples
 from brainvae.steps import NATIVE_SPACE
-from brainvae.workflow import SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint, resolve_one_job_per_scan
+from brainvae.workflow import (SCAN_WILDCARD, bids_uri, build_samples, job_layout_hint, resolve_one_job_per_scan,
+                               template_space_notes)
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 if workflow.is_main_process:
@@ -77,6 +78,9 @@ if workflow.is_main_process or not Path(SAMPLES_TSV).is_file():
     write_failed_inputs(FAILED_INPUTS, FAILED_INPUTS_TSV)
     if workflow.is_main_process and (hint := job_layout_hint(len(SAMPLES), config["preprocess"]["one_job_per_scan"])):
         print(hint, file=sys.stderr)
+    if workflow.is_main_process:
+        for note in template_space_notes(config["datasets"]):
+            print(note, file=sys.stderr)
     if len(FAILED_INPUTS):
         print(f"brainvae: {len(FAILED_INPUTS)} scan(s) left out because their input file failed validation in an "
               f"earlier run (listed in {FAILED_INPUTS_TSV}; fix the file or the conform settings to process them):\n"
