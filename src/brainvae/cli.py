@@ -65,6 +65,26 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from . import config_reference
+
+    if args.output == "-":
+        if args.check:
+            raise BrainvaeError("--check compares a file: give --output PATH, not -")
+        sys.stdout.write(config_reference.render_reference())
+        return 0
+    output = config_reference.DEFAULT_OUTPUT if args.output is None else args.output
+    if args.check:
+        problem = config_reference.check_reference(output)
+        if problem:
+            print(f"brainvae: error: {problem}", file=sys.stderr)
+            return 1
+        print(f"{output} is up to date with the schema")
+        return 0
+    print(f"wrote {config_reference.write_reference(output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainvae", description=__doc__)
     parser.add_argument("--version", action="version", version=f"brainvae {__version__}")
@@ -149,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--columns", nargs="+", default=[], metavar="COLUMN",
                        help="columns copied into participants.tsv (e.g. age sex group)")
     table.set_defaults(func=_import)
+
+    reference = commands.add_parser(
+        "config-reference", help="write the configuration reference (docs/configuration.md) from the schema",
+        description="Render workflow/schemas/config.schema.yaml (every key, type, default and description) as "
+                    "Markdown. --check fails when the file differs from the rendering of the current schema.")
+    reference.add_argument("--output", default=None, metavar="PATH",
+                           help="file to write or check (default: docs/configuration.md of the repository; "
+                                "- writes to standard output)")
+    reference.add_argument("--check", action="store_true",
+                           help="write nothing; exit 1 with a message when PATH is missing or stale")
+    reference.set_defaults(func=_config_reference)
     return parser
 
 
