@@ -389,6 +389,6 @@ def check_reference(output: str | Path = DEFAULT_OUTPUT) -> str | None:
     if not output.exists():
         return f"{output}: missing; generate it with `{REGENERATE_COMMAND}`"
     if output.read_text(encoding="utf-8") != expected:
-        return (f"{output} is out of date with workflow/schemas/config.schema.yaml (or brainvae.qc.DEFAULT_THRESHOLDS); "
-                f"regenerate it with `{REGENERATE_COMMAND}` and commit it")
+        return (f"{output} is out of date with workflow/schemas/config.schema.yaml (or "
+                f"brainvae.qc.DEFAULT_THRESHOLDS); regenerate it with `{REGENERATE_COMMAND}` and commit it")
     return None
