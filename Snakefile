@@ -32,7 +32,7 @@ rule all:
         SAMPLES_TSV,
         f"{DERIV}/dataset_description.json",
         # Every scan's preprocessed image and mask. With one job per scan the QC table (below) already asks for
-        # every scan's job; listing its files here too would only slow planning (README, "Scale").
+        # every scan's job; listing its files here too would only slow planning (docs/performance.md, "Scale").
         [] if ONE_JOB_PER_SCAN else expand(SCAN_FILES["preproc"], scan=SAMPLES.index),
         [] if ONE_JOB_PER_SCAN else expand(SCAN_FILES["preproc_mask"], scan=SAMPLES.index),
         f"{OUT}/qc/qc.tsv",

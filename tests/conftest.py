@@ -25,7 +25,7 @@ def real_t1w_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, real_t1w_dir) -> dict:
-    """The one real workflow run most workflow tests read: the 7-subject demo plus a dataset of bad, unusual and
+    """The one real workflow run most workflow tests read: the tiny four-site demo (test_workflow_pipeline.TINY_SITES) plus a dataset of bad, unusual and
     real scans (tests/test_bad_inputs.py builds it), run twice with --keep-going. Costly, so computed once per
     test session; the modules that use it run on one pytest-xdist worker (pytest_xdist_make_scheduler below)."""
     from test_bad_inputs import build_tiny_run

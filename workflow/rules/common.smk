@@ -90,7 +90,7 @@ else:
     FAILED_INPUTS = read_failed_inputs(FAILED_INPUTS_TSV)
 SAMPLES = SAMPLES.set_index("scan", drop=False)
 # One Snakemake job per scan (preprocess_scan in preprocess.smk) instead of one per step: a DAG 7x smaller for
-# cohorts of thousands (README, "Scale"), at the price of rerunning a scan's whole chain when any step's setting
+# cohorts of thousands (docs/performance.md, "Scale"), at the price of rerunning a scan's whole chain when any step's setting
 # changes. "auto" decides by the cohort's size (brainvae.workflow.resolve_one_job_per_scan); a cluster job's own
 # process reads the same samples table, so it decides the same.
 ONE_JOB_PER_SCAN = resolve_one_job_per_scan(config["preprocess"]["one_job_per_scan"], len(SAMPLES))
