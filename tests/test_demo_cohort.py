@@ -388,3 +388,16 @@ def test_upsampler_is_exact_for_affine_functions():
         up(coarse, slab, full[slab])
     i, j, k = np.indices(shape_rev)
     assert np.allclose(full, 0.5 * i - 2.0 * j + 0.25 * k + 3, atol=1e-4)
+
+
+def test_command_line_generates_the_sites_asked_for(tmp_path, capsys):
+    from brainvae import cli
+
+    assert cli.main(["demo-cohort", str(tmp_path), "--sites", "SantPau=2:0.5", "--seed", "3"]) == 0
+    assert "wrote 2 scans of 2 subjects" in capsys.readouterr().out
+    with open(tmp_path / "SantPau" / "participants.tsv") as handle:
+        groups = sorted(row["group"] for row in csv.DictReader(handle, delimiter="\t"))
+    assert groups == ["DS", "euploid"]
+    with pytest.raises(SystemExit):
+        cli.main(["demo-cohort", str(tmp_path), "--sites", "SantPau=two"])
+    assert "expected SITE=SUBJECTS[:DS_FRACTION]" in capsys.readouterr().err
