@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from skimage.metrics import structural_similarity
 
 from brainvae.vae.cohort import make_splits, read_index, select_training
 from brainvae.vae.evaluate import PCABaseline, bootstrap_ci, evaluate_vae, scan_metrics, summarise
@@ -27,9 +28,26 @@ def test_scan_metrics_perfect_and_known_error() -> None:
     assert got["mse_whole"] == pytest.approx(0.25 * m.mean(), rel=1e-5)
     data_range = float(x.max() - x.min())
     assert got["psnr_mask"] == pytest.approx(10 * np.log10(data_range ** 2 / 0.25), rel=1e-6)
-    assert got["ssim_whole"] == pytest.approx(structural_similarity(
-        x.astype(float), y.astype(float), data_range=data_range))
+    assert got["ssim_whole"] == pytest.approx(_gaussian_ssim(x, y, data_range).mean(), rel=1e-4)
+    assert got["ssim_mask"] == pytest.approx(_gaussian_ssim(x, y, data_range)[m > 0].mean(), rel=1e-4)
     assert got["ssim_mask"] < 1.0
+
+
+def _gaussian_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+    """Reference SSIM map: Gaussian window 7 (sigma 1.5), zero padding (scipy, independent of MONAI)."""
+    from scipy import ndimage
+
+    g = np.exp(-0.5 * (np.arange(7) - 3) ** 2 / 1.5 ** 2)
+    g /= g.sum()
+    k = g[:, None, None] * g[None, :, None] * g[None, None, :]
+
+    def f(a: np.ndarray) -> np.ndarray:
+        return ndimage.convolve(a.astype(np.float64), k, mode="constant", cval=0.0)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
 
 
 def test_bootstrap_ci_brackets_the_mean() -> None:
@@ -65,11 +83,13 @@ def test_evaluate_vae_writes_tables_and_figures(tmp_path: Path) -> None:
                           tmp_path / "eval", device="cpu", n_boot=200, n_figure=2, n_prior=2)
     n_test = int((splits["split"] == "test").sum())
     per_scan = pd.read_csv(tmp_path / "eval" / "per_scan_metrics.tsv", sep="\t")
-    assert len(per_scan) == 2 * n_test and set(per_scan["method"]) == {"vae", "pca"}
+    assert len(per_scan) == 3 * n_test and set(per_scan["method"]) == {"vae", "pca", "mean_image"}
     assert {"ssim_mask", "psnr_whole", "mae_mask", "mse_whole"} <= set(per_scan.columns)
     summary = pd.read_csv(tmp_path / "eval" / "summary.tsv", sep="\t")
-    assert len(summary) == 2 * 4 * 2  # methods x metrics x regions
+    assert len(summary) == 3 * 4 * 2  # methods x metrics x regions
     assert (summary["ci_low"] <= summary["mean"] + 1e-12).all()
     assert result["summary"].shape == summary.shape
+    diagnostics = json.loads((tmp_path / "eval" / "diagnostics.json").read_text())
+    assert diagnostics["latent_dim"] == 4 and set(diagnostics) >= {"active_units", "kl_per_dim_mean", "posterior_collapse"}
     for name in ("reconstructions.png", "prior_samples.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"

@@ -1,8 +1,10 @@
-# VAE: one training job per model variant, evaluation against a PCA baseline, Parquet latents.
-# A variant's settings are the shared `training` section with `models[<name>]` on top. Jobs ask for
+# VAE: one training job per model variant (architecture dense or spatial), evaluation against PCA and
+# mean-image baselines with latent diagnostics, Parquet latents. A variant's settings are the shared
+# `training` section with `models[<name>]` on top; defaults come from brainvae.vae.config. Jobs ask for
 # resources gpu=1 only when the variant's device is `cuda`; `auto` uses a GPU if the node has one.
 
-from brainvae.vae.variants import split_run_options, split_train_labels, uses_cuda, variant_settings
+from brainvae.vae.config import check_startup
+from brainvae.vae.variants import run_options, split_run_options, split_train_labels, uses_cuda, variant_settings
 
 MODELS = {
     name: variant_settings(config["training"], split_train_labels(overrides, None)[0])
@@ -11,7 +13,13 @@ MODELS = {
 # Per variant: the training config (what is trained, hashed into the model's provenance) and the run
 # options (device, threads, deterministic: where and how it runs).
 MODEL_CONFIG = {name: split_run_options(settings)[0] for name, settings in MODELS.items()}
-MODEL_RUN = {name: split_run_options(settings)[1] for name, settings in MODELS.items()}
+MODEL_RUN = {name: run_options(settings) for name, settings in MODELS.items()}
+# Settings that cannot run here (a perceptual term without local weights) stop the workflow before any job.
+for _name, _settings in MODEL_CONFIG.items():
+    try:
+        check_startup(_settings)
+    except ValueError as _err:
+        raise ValueError(f"models.{_name}: {_err}") from None
 
 
 wildcard_constraints:
@@ -93,6 +101,9 @@ rule evaluate_vae:
             subcategory="{model}",
             labels={"model": "{model}", "figure": "samples from the prior"},
         ),
+        # Active latent units, KL per dimension, posterior-collapse flag (brainvae.vae.diagnostics).
+        diagnostics=f"{OUT}/models/{{model}}/evaluation/diagnostics.json",
+        kl_per_dimension=f"{OUT}/models/{{model}}/evaluation/kl_per_dimension.tsv",
     log:
         f"{LOGS}/evaluate_vae/{{model}}.log",
     benchmark:

@@ -6,7 +6,7 @@ from brainvae.workflow import job_logging
 
 with job_logging(snakemake.log[0], snakemake.threads) as log:
     from brainvae.vae.cohort import model_splits, write_splits
-    from brainvae.vae.train import train_vae
+    from brainvae.vae.trainer import train_vae
 
     i, p, model = snakemake.input, snakemake.params, snakemake.wildcards.model
     splits = model_splits(i.splits, i.index, p.train_labels, model=model)

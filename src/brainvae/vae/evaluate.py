@@ -1,16 +1,24 @@
 """Reconstruction fidelity of a trained VAE on the test split, against a PCA baseline.
 
-Per scan: MSE, MAE, PSNR and SSIM (3D, scikit-image) inside the brain mask and on the whole
-volume. PSNR and SSIM use the input scan's own intensity range (max - min) as ``data_range`` —
-the inputs are z-scored inside the brain, so there is no fixed peak value; VAE and PCA are scored
-with the same range. SSIM inside the mask is the mean of scikit-image's full SSIM map over mask
-voxels (the map is computed on the whole volume, so windows at the brain edge see the true
-zero background).
+Per scan: MSE, MAE, PSNR and SSIM inside the brain mask and on the whole volume. SSIM is 3D with a
+Gaussian window (MONAI's ``compute_ssim_and_cs``: kernel 7, sigma 1.5, k1 0.01, k2 0.03) on the
+volume zero-padded by half a window, so the map covers every voxel and windows at the brain edge see
+the true zero background; SSIM inside the mask is the mean of that map over mask voxels, whole-volume
+SSIM its mean over all voxels. PSNR and SSIM use the input scan's own intensity range (max - min) as
+``data_range`` (no fixed peak value after normalisation); every method is scored with the same
+range.
 
 The PCA baseline (n_components = latent_dim, capped at the number of training scans) is fitted on
 the training split, on the voxels inside the union of the training masks, and scored the same way:
 a VAE with a d-dimensional latent should reconstruct at least as well as the best linear
-d-dimensional code.
+d-dimensional code. The mean-image baseline (``mean_image``: every scan reconstructed as the mean of
+the training scans) is the floor: a model that does not beat it has learnt nothing about the
+individual scan.
+
+Diagnostics of the latent space (:mod:`brainvae.vae.diagnostics`): KL per latent dimension, active
+units and a posterior-collapse warning, in ``diagnostics.json`` and ``kl_per_dimension.tsv``.
+
+Works for every architecture of :mod:`brainvae.vae.nn` and never imports the trainer.
 """
 
 from __future__ import annotations
@@ -23,14 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.decomposition import PCA
 
 from brainvae.io import atomic_path, atomic_write_text
 
 from .cohort import read_index, read_splits
-from .model import VAE
-from .train import load_model, resolve_device
+from .diagnostics import latent_diagnostics, write_diagnostics
+from .nn import load_model, resolve_device
 
 __all__ = [
     "METRICS",
@@ -46,7 +53,7 @@ METRICS = ("mse", "mae", "psnr", "ssim")
 REGIONS = ("mask", "whole")
 
 
-def reconstruct(model: VAE, array: np.ndarray, rows: Sequence[int], *, device: torch.device,
+def reconstruct(model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], *, device: torch.device,
                 batch_size: int = 4) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(row, input, reconstruction)`` (float32 volumes) using ``mu`` (eval mode)."""
     model.eval()
@@ -61,6 +68,21 @@ def reconstruct(model: VAE, array: np.ndarray, rows: Sequence[int], *, device: t
             yield r, xi, yi
 
 
+SSIM_KERNEL, SSIM_SIGMA = 7, 1.5
+
+
+def ssim_map_3d(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+    """Gaussian-window SSIM map (MONAI) of two volumes, the same shape as them (zero padding)."""
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    pad = SSIM_KERNEL // 2
+    tx = torch.nn.functional.pad(torch.as_tensor(np.asarray(x), dtype=torch.float64)[None, None], (pad,) * 6)
+    ty = torch.nn.functional.pad(torch.as_tensor(np.asarray(y), dtype=torch.float64)[None, None], (pad,) * 6)
+    ssim, _ = compute_ssim_and_cs(ty, tx, spatial_dims=3, kernel_size=[SSIM_KERNEL] * 3,
+                                  kernel_sigma=[SSIM_SIGMA] * 3, data_range=float(data_range))
+    return ssim[0, 0].numpy()
+
+
 def scan_metrics(x: np.ndarray, recon: np.ndarray, mask: np.ndarray,
                  regions: Sequence[str] = REGIONS) -> dict[str, float]:
     """``{metric}_{region}`` for metric in MSE/MAE/PSNR/SSIM and region in mask/whole."""
@@ -68,7 +90,7 @@ def scan_metrics(x: np.ndarray, recon: np.ndarray, mask: np.ndarray,
     y = np.asarray(recon, dtype=np.float64)
     m = np.asarray(mask) > 0
     data_range = float(x.max() - x.min()) or 1.0
-    _, ssim_map = structural_similarity(x, y, data_range=data_range, full=True)
+    ssim_map = ssim_map_3d(x, y, data_range)
     out: dict[str, float] = {}
     for region in regions:
         if region == "mask":
@@ -77,13 +99,12 @@ def scan_metrics(x: np.ndarray, recon: np.ndarray, mask: np.ndarray,
             xs, ys, ssim = x[m], y[m], float(ssim_map[m].mean())
         else:
             xs, ys = x.ravel(), y.ravel()
-            ssim = float(structural_similarity(x, y, data_range=data_range))
+            ssim = float(ssim_map.mean())
         err = ys - xs
         mse = float(np.mean(err ** 2))
         out[f"mse_{region}"] = mse
         out[f"mae_{region}"] = float(np.mean(np.abs(err)))
-        out[f"psnr_{region}"] = (float(peak_signal_noise_ratio(xs, ys, data_range=data_range))
-                                 if mse > 0 else float("inf"))
+        out[f"psnr_{region}"] = float(10.0 * np.log10(data_range ** 2 / mse)) if mse > 0 else float("inf")
         out[f"ssim_{region}"] = ssim
     return out
 
@@ -185,7 +206,7 @@ def plot_reconstructions(items: Sequence[tuple[str, np.ndarray, np.ndarray]], pa
     _save_fig(fig, path)
 
 
-def plot_prior_samples(model: VAE, path: Path, *, n: int = 4, seed: int = 0,
+def plot_prior_samples(model: torch.nn.Module, path: Path, *, n: int = 4, seed: int = 0,
                        device: torch.device | str = "cpu") -> None:
     """Volumes decoded from z ~ N(0, I): three orthogonal slices each."""
     import matplotlib
@@ -194,7 +215,7 @@ def plot_prior_samples(model: VAE, path: Path, *, n: int = 4, seed: int = 0,
     import matplotlib.pyplot as plt
 
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.config.latent_dim, generator=gen)
+    z = torch.randn(n, *model.latent_shape, generator=gen)
     model.eval()
     with torch.no_grad():
         vols = model.decode(z.to(device)).float().squeeze(1).cpu().numpy()
@@ -229,7 +250,10 @@ def evaluate_vae(
 ) -> dict[str, pd.DataFrame]:
     """Score the VAE in ``model_dir`` (and a PCA baseline) on ``split``; write tables and figures.
 
-    Writes ``out_dir/per_scan_metrics.tsv`` (method, scan, ``{metric}_{region}``),
+    Methods: ``vae`` (the model), ``pca`` (as many components as the latent dimension, capped at the
+    training scans) and ``mean_image``. Writes ``out_dir/per_scan_metrics.tsv`` (method, scan,
+    ``{metric}_{region}``), ``diagnostics.json`` and ``kl_per_dimension.tsv`` (see
+    :func:`brainvae.vae.diagnostics.latent_diagnostics`; on every scan of the model's splits),
     ``summary.tsv`` (method, metric, region, n, mean, sd, ci_low, ci_high; bootstrap 95 % CI of the
     mean), ``reconstructions.png`` (``n_figure`` random test scans) and ``prior_samples.png``.
     Returns ``{"per_scan": ..., "summary": ...}``.
@@ -250,12 +274,13 @@ def evaluate_vae(
     masks = np.load(mask_path, mmap_mode="r")
 
     baseline: PCABaseline | None = None
-    if pca:
-        train_rows = rows_of["train"]
-        if len(train_rows) > pca_max_train:  # bound memory: PCA holds n_train x n_voxels floats
-            rng = np.random.default_rng(seed)
-            train_rows = sorted(rng.choice(train_rows, pca_max_train, replace=False).tolist())
-        baseline = PCABaseline(model.config.latent_dim, seed).fit(array[train_rows], masks[train_rows])
+    train_rows = rows_of["train"]
+    if len(train_rows) > pca_max_train:  # bound memory: PCA holds n_train x n_voxels floats
+        rng = np.random.default_rng(seed)
+        train_rows = sorted(rng.choice(train_rows, pca_max_train, replace=False).tolist())
+    if pca and train_rows:
+        baseline = PCABaseline(model.latent_dim, seed).fit(array[train_rows], masks[train_rows])
+    mean_image = _mean_of(array, rows_of["train"]) if rows_of["train"] else None
 
     fig_rows = set(np.random.default_rng(seed).choice(test_rows, min(n_figure, len(test_rows)),
                                                       replace=False).tolist())
@@ -268,11 +293,14 @@ def evaluate_vae(
             records.append({"method": "pca", "scan": scans[row], "row": row,
                             "n_components": baseline.n_components,
                             **scan_metrics(x, baseline.reconstruct(x), m)})
+        if mean_image is not None:
+            records.append({"method": "mean_image", "scan": scans[row], "row": row, "n_components": 0,
+                            **scan_metrics(x, mean_image, m)})
         if row in fig_rows:
             figure_items.append((scans[row], x, y))
     per_scan = pd.DataFrame(records)
     per_scan["n_components"] = per_scan.get("n_components", pd.Series(dtype=float)).fillna(
-        model.config.latent_dim).astype(int)
+        model.latent_dim).astype(int)
     cols = ["method", "scan", "row", "n_components"] + [f"{m}_{r}" for r in REGIONS for m in METRICS]
     per_scan = per_scan[cols]
     summary = summarise(per_scan, n_boot=n_boot, seed=seed)
@@ -282,7 +310,17 @@ def evaluate_vae(
                       out_dir / "summary.tsv")
     plot_reconstructions(figure_items, out_dir / "reconstructions.png")
     plot_prior_samples(model, out_dir / "prior_samples.png", n=n_prior, seed=seed, device=dev)
-    return {"per_scan": per_scan, "summary": summary}
+    model_rows = sorted(set(index_df.loc[index_df["scan"].isin(splits_df["scan"]), "row"].astype(int)))
+    diagnostics = latent_diagnostics(model, array, model_rows, device=dev, batch_size=batch_size)
+    write_diagnostics(diagnostics, out_dir)
+    return {"per_scan": per_scan, "summary": summary, "diagnostics": diagnostics}
+
+
+def _mean_of(array: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+    total = np.zeros(array.shape[1:], dtype=np.float64)
+    for r in rows:
+        total += array[r]
+    return (total / max(len(rows), 1)).astype(np.float32)
 
 
 def mean_metric(summary: pd.DataFrame, method: str, metric: str, region: str = "mask") -> float:
@@ -291,7 +329,7 @@ def mean_metric(summary: pd.DataFrame, method: str, metric: str, region: str = "
     return float(sel["mean"].iloc[0])
 
 
-def metrics_for_rows(model: VAE, array: np.ndarray, masks: np.ndarray, rows: Sequence[int], *,
+def metrics_for_rows(model: torch.nn.Module, array: np.ndarray, masks: np.ndarray, rows: Sequence[int], *,
                      device: torch.device, batch_size: int = 4,
                      regions: Sequence[str] = ("mask",)) -> dict[int, Mapping[str, float]]:
     """``row -> scan_metrics`` of the VAE reconstruction for every row (used by latents)."""

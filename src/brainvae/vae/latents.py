@@ -11,7 +11,14 @@ Encoding uses ``mu`` in eval mode (no sampling), so it is deterministic: the sam
 array give identical latents on every run. Parquet key-value metadata records which model made
 the file: ``brainvae.model_name``, ``brainvae.config_sha256`` (sha256 of the canonical JSON of
 the resolved training config), ``brainvae.version``, ``brainvae.checkpoint_sha256`` (sha256 of
-``model.pt``) and ``brainvae.latent_dim``.
+``model.pt``), ``brainvae.latent_dim``, ``brainvae.architecture``, ``brainvae.latent_shape`` (JSON)
+and ``brainvae.latent_order``.
+
+Spatial models (latent grid ``C x x x y x z``) store the **flattened** ``mu`` and ``logvar``:
+``mu_i`` with ``i = ((c * nx + ix) * ny + iy) * nz + iz`` (C order over channel, x, y, z, as
+``mu.flatten(1)``; ``brainvae.latent_order`` = ``C-order (channel, x, y, z)``). The analysis uses
+every ``mu_*`` column of the table, i.e. the whole flattened posterior mean, for both architectures
+(a dense model's ``mu_i`` is its latent vector).
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from brainvae.io import atomic_path, sha256_file
 
 from .cohort import read_index, read_splits
 from .evaluate import metrics_for_rows
-from .model import VAE
-from .train import config_sha256, load_model, resolve_device
+from .config import config_sha256
+from .nn import load_model, resolve_device
 
 __all__ = ["encode_rows", "export_latents", "latent_schema", "read_latents", "NOT_IN_SPLIT"]
 
@@ -57,10 +64,11 @@ def latent_schema(latent_dim: int, covariates: Sequence[str] = (),
     return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
 
 
-def encode_rows(model: VAE, array: np.ndarray, rows: Sequence[int], *,
+def encode_rows(model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], *,
                 device: torch.device | str = "cpu", batch_size: int = 4
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, logvar)`` as float32 arrays ``len(rows) x latent_dim`` (eval mode, no sampling)."""
+    """``(mu, logvar)`` as float32 arrays ``len(rows) x latent_dim`` (eval mode, no sampling; spatial
+    latents flattened in C order)."""
     model.eval()
     rows = list(rows)
     mus, logvars = [], []
@@ -69,9 +77,9 @@ def encode_rows(model: VAE, array: np.ndarray, rows: Sequence[int], *,
             chunk = rows[start: start + batch_size]
             x = np.stack([np.asarray(array[r], dtype=np.float32) for r in chunk])
             mu, logvar = model.encode(torch.from_numpy(x).unsqueeze(1).to(device))
-            mus.append(mu.float().cpu().numpy())
-            logvars.append(logvar.float().cpu().numpy())
-    d = model.config.latent_dim
+            mus.append(mu.float().flatten(1).cpu().numpy())
+            logvars.append(logvar.float().flatten(1).cpu().numpy())
+    d = int(model.latent_dim)
     if not rows:
         return np.zeros((0, d), np.float32), np.zeros((0, d), np.float32)
     return np.concatenate(mus), np.concatenate(logvars)
@@ -122,9 +130,12 @@ def export_latents(
         "brainvae.config_sha256": config_sha256(cfg),
         "brainvae.version": brainvae.__version__,
         "brainvae.checkpoint_sha256": sha256_file(model_dir / "model.pt"),
-        "brainvae.latent_dim": str(model.config.latent_dim),
+        "brainvae.latent_dim": str(model.latent_dim),
+        "brainvae.architecture": str(cfg["model"].get("architecture", "dense")),
+        "brainvae.latent_shape": json.dumps([int(s) for s in model.latent_shape]),
+        "brainvae.latent_order": ("C-order (channel, x, y, z)" if len(model.latent_shape) > 1 else "vector"),
     }
-    schema = latent_schema(model.config.latent_dim, covariates, metadata)
+    schema = latent_schema(model.latent_dim, covariates, metadata)
     columns: dict[str, Any] = {
         "dataset": index_df["dataset"].astype(str).tolist(),
         "participant": index_df["subject"].astype(str).tolist(),
@@ -140,9 +151,9 @@ def export_latents(
         columns["age"] = [None if not np.isfinite(a) else a for a in columns["age"]]
     if "sex" in covariates:
         columns["sex"] = _nullable(index_df["sex"])
-    for i in range(model.config.latent_dim):
+    for i in range(model.latent_dim):
         columns[f"mu_{i}"] = mu[:, i]
-    for i in range(model.config.latent_dim):
+    for i in range(model.latent_dim):
         columns[f"logvar_{i}"] = logvar[:, i]
     columns["mse_mask"] = mse
     columns["ssim_mask"] = ssim

@@ -1,9 +1,12 @@
 """Model variants of the workflow configuration: shared ``training`` settings overlaid per model.
 
-The config has one ``training`` section (keys of :data:`brainvae.vae.train.DEFAULT_CONFIG` plus
+The config has one ``training`` section (keys of :data:`brainvae.vae.config.TRAINING_DEFAULTS` plus
 the run options :data:`RUN_KEYS`) and ``models: {name: overrides}``. A variant's settings are the
-shared ones with its overrides on top; ``model`` (the architecture) is merged key by key, so
-``{model: {latent_dim: 16}}`` keeps the shared widths.
+shared ones with its overrides on top; the architecture sections (``model`` for the dense VAE,
+``spatial`` for the spatial one) are merged key by key, so ``{model: {latent_dim: 16}}`` keeps the
+shared widths. Defaults are not filled in here: :func:`brainvae.vae.config.resolve_config` does
+that for the training config, :data:`brainvae.vae.config.RUN_DEFAULTS` for the run options
+(:func:`run_options`).
 
 Imported by the Snakefile when it builds the DAG, so it must not import torch.
 """
@@ -14,11 +17,15 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["RUN_KEYS", "cohort_split_labels", "split_run_options", "split_train_labels", "uses_cuda",
-           "variant_settings"]
+from .config import RUN_DEFAULTS
+
+__all__ = ["NESTED", "RUN_KEYS", "cohort_split_labels", "run_options", "split_run_options", "split_train_labels",
+           "uses_cuda", "variant_settings"]
 
 #: Settings about where and how a job runs, not what is trained (not part of the model's config).
-RUN_KEYS = ("device", "threads", "deterministic")
+RUN_KEYS = tuple(RUN_DEFAULTS)
+#: Sections merged key by key.
+NESTED = ("model", "spatial")
 
 
 def variant_settings(training: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None
@@ -26,8 +33,8 @@ def variant_settings(training: Mapping[str, Any] | None, overrides: Mapping[str,
     """``training`` with ``overrides`` on top; the nested ``model`` mapping merged key by key."""
     merged = copy.deepcopy(dict(training or {}))
     for key, value in (overrides or {}).items():
-        if key == "model":
-            merged["model"] = {**dict(merged.get("model") or {}), **dict(value or {})}
+        if key in NESTED:
+            merged[key] = {**dict(merged.get(key) or {}), **copy.deepcopy(dict(value or {}))}
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -38,6 +45,11 @@ def split_run_options(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     config = {k: copy.deepcopy(v) for k, v in settings.items() if k not in RUN_KEYS}
     run = {k: settings[k] for k in RUN_KEYS if k in settings}
     return config, run
+
+
+def run_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The run options of a variant's settings with :data:`~brainvae.vae.config.RUN_DEFAULTS` filled in."""
+    return {**RUN_DEFAULTS, **split_run_options(settings)[1]}
 
 
 def split_train_labels(overrides: Mapping[str, Any] | None, default: Sequence[str] | None
