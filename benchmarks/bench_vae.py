@@ -3,13 +3,13 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_vae.py [--device cpu|cuda|auto] [--grids demo 96x112x96]
-        [--batch 4] [--steps 6] [--warmup 2] [--threads 2] [--layouts auto|both]
-        [--config '{"model": {"latent_dim": 64}}'] [--json out.json]
+        [--architectures dense spatial] [--batch 4] [--steps 6] [--warmup 2] [--threads 2]
+        [--layouts auto|both] [--config '{"model": {"latent_dim": 64}}'] [--json out.json]
 
-Each grid is timed with the default training config of ``brainvae.vae.train`` (widths "auto":
-3 levels at the demo grid, 4 at 2 mm and 96x112x96, 5 at 1 mm), real training steps (forward,
-masked-free MSE + KL, backward, AdamW, LR schedule) fed by a DataLoader over a float16 memmap, as
-in ``train_vae``. Defaults: CPU grids ``demo`` and ``96x112x96``; on CUDA ``2mm`` and ``1mm``
+Each grid and architecture is timed with the default training config of ``brainvae.vae.config``
+(dense widths "auto": 3 levels at the demo grid, 4 at 2 mm and 96x112x96, 5 at 1 mm; spatial:
+AutoencoderKL, downsample 4), real training steps (forward, masked-free MSE + KL, backward, AdamW,
+LR schedule) fed by a DataLoader over a float16 memmap, as in ``train_vae``. Defaults: CPU grids ``demo`` and ``96x112x96``; on CUDA ``2mm`` and ``1mm``
 with bf16 autocast and channels_last_3d. GPU busy fraction = GPU time of the steps (CUDA events
 around each step's work) / wall time; ``nvml_util`` is ``torch.cuda.utilization()`` sampled after
 the run when pynvml is installed. ``--layouts both`` times channels_last_3d and contiguous (NCDHW)
@@ -35,8 +35,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from brainvae.resample import GRIDS  # noqa: E402
 from brainvae.vae.data import CohortDataset  # noqa: E402
-from brainvae.vae.model import VAE, VAEConfig, count_parameters, to_channels_last_3d, vae_loss  # noqa: E402
-from brainvae.vae.train import _make_scheduler, resolve_config  # noqa: E402
+from brainvae.vae.config import resolve_config  # noqa: E402
+from brainvae.vae.nn import build_model, count_parameters  # noqa: E402
+from brainvae.vae.nn.dense import to_channels_last_3d  # noqa: E402
+from brainvae.vae.nn.losses import loss_terms  # noqa: E402
+from brainvae.vae.optim import make_scheduler  # noqa: E402
 
 
 def _shape(name: str) -> tuple[int, int, int]:
@@ -46,15 +49,15 @@ def _shape(name: str) -> tuple[int, int, int]:
 
 
 def bench_grid(name: str, device: torch.device, *, batch: int, steps: int, warmup: int,
-               channels_last: bool, amp: bool, overrides: dict) -> dict:
+               channels_last: bool, amp: bool, overrides: dict, architecture: str = "dense") -> dict:
     shape = _shape(name)
-    cfg = resolve_config(overrides, shape)
+    cfg = resolve_config({**overrides, "architecture": architecture}, shape)
     torch.manual_seed(0)
-    model = VAE(VAEConfig.from_dict(cfg["model"])).to(device)
+    model = build_model(cfg["model"]).to(device)
     if channels_last:
         model = to_channels_last_3d(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = _make_scheduler(opt, cfg, steps + warmup)
+    sched = make_scheduler(opt, cfg, steps + warmup)
     n_vol = batch * (steps + warmup)
     with tempfile.TemporaryDirectory(prefix="bench_vae_") as tmp:
         arr = np.lib.format.open_memmap(f"{tmp}/a.npy", mode="w+", dtype=np.float16, shape=(n_vol, *shape))
@@ -84,7 +87,7 @@ def bench_grid(name: str, device: torch.device, *, batch: int, steps: int, warmu
                 ev0.record()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 recon, mu, logvar = model(x)
-                loss, _, _ = vae_loss(recon, x, mu, logvar, beta=1.0)
+                loss = loss_terms(recon, x, mu, logvar, beta=1.0)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -100,8 +103,9 @@ def bench_grid(name: str, device: torch.device, *, batch: int, steps: int, warmu
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t_start
     out = {
-        "grid": name, "shape": "x".join(map(str, shape)), "device": str(device),
-        "widths": ",".join(map(str, cfg["model"]["widths"])), "params_M": count_parameters(model) / 1e6,
+        "grid": name, "shape": "x".join(map(str, shape)), "device": str(device), "architecture": architecture,
+        "widths": ",".join(map(str, cfg["model"].get("widths") or cfg["model"]["channels"])),
+        "latent_dim": int(model.latent_dim), "params_M": count_parameters(model) / 1e6,
         "batch": batch, "layout": "channels_last_3d" if channels_last else "contiguous",
         "bf16": amp, "s_per_step": wall / steps, "volumes_per_s": batch * steps / wall,
     }
@@ -121,6 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--grids", nargs="*", default=None)
+    ap.add_argument("--architectures", nargs="*", default=["dense", "spatial"], choices=["dense", "spatial"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -147,12 +152,14 @@ def main() -> None:
             torch.backends.cudnn.benchmark = True
         for grid in grids:
             layouts = [True, False] if args.layouts == "both" else [True]
-            for cl in layouts:
-                r = bench_grid(grid, dev, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                               channels_last=cl, amp=dev.type == "cuda", overrides=overrides)
-                results.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-    keys = ["device", "grid", "shape", "widths", "params_M", "batch", "layout", "bf16",
+            for arch in args.architectures:
+                for cl in layouts:
+                    r = bench_grid(grid, dev, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                   channels_last=cl, amp=dev.type == "cuda", overrides=overrides,
+                                   architecture=arch)
+                    results.append(r)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+    keys = ["device", "grid", "shape", "architecture", "latent_dim", "widths", "params_M", "batch", "layout", "bf16",
             "s_per_step", "volumes_per_s", "gpu_busy", "peak_mem_GiB", "peak_rss_GiB"]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(" | ".join(keys))
