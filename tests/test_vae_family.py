@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from brainvae.vae.cohort import make_splits, read_index
 from brainvae.vae.config import resolve_config
@@ -190,3 +191,15 @@ def test_diagnostics_flag_posterior_collapse() -> None:
     healthy = summarise_latents(rng.standard_normal((20, 8)), np.full((20, 8), -2.0))
     assert not healthy["posterior_collapse"] and healthy["active_units"] == 8 and healthy["warning"] is None
     assert healthy["kl_per_dim_mean"] > 0.1
+
+
+def test_workflow_refuses_a_perceptual_term_without_weights_before_any_job(tmp_path: Path) -> None:
+    from test_workflow import REPO, snakemake
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["models"] = {"vae_perceptual": {"perceptual_weight": 0.1}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, path, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "models.vae_perceptual: perceptual_weight > 0 needs perceptual_weights" in result.stdout + result.stderr
