@@ -8,10 +8,14 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The base configuration: config/config.yaml of the working directory when there is one (a copy you edit), else
-# the workflow's own, so a run from another directory still starts from the documented defaults. --configfile
-# files are layered on top. The files read are printed at start (workflow/rules/common.smk).
-configfile: "config/config.yaml" if os.path.exists("config/config.yaml") else os.path.join(workflow.basedir, "config", "config.yaml")
+# The configuration: the --configfile files when given (each a whole configuration, like the default one;
+# nothing of the workflow's own is merged under them, so a model or task of the demo cannot leak into your run);
+# else config/config.yaml of the working directory when there is one (a copy you edit), else the workflow's own,
+# so a run from another directory still starts from the documented defaults. The files read are printed at
+# start (workflow/rules/common.smk); schema defaults fill what they leave out.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml" if os.path.exists("config/config.yaml") else os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 report: "workflow/report/workflow.rst"

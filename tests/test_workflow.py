@@ -179,3 +179,16 @@ def test_run_from_another_directory_reads_the_workflows_config_and_says_so(tmp_p
     assert result.returncode == 0, result.stderr
     assert f"configuration read from {tmp_path / 'config' / 'config.yaml'}" in result.stderr
     assert planned_jobs(result.stdout + result.stderr)["train_vae"] == 1
+
+
+def test_a_configfile_is_the_whole_configuration(tmp_path):
+    """--configfile replaces the workflow's config/config.yaml (not merged under it): the demo's models do not
+    leak into a run that names its own."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["models"] = {"mine": {}}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, path, "--dry-run")
+    assert f"configuration read from {path}" in result.stderr
+    assert str(REPO / "config" / "config.yaml") not in result.stderr.split("configuration read from")[1].splitlines()[0]
+    assert planned_jobs(result.stdout + result.stderr)["train_vae"] == 1
