@@ -31,9 +31,9 @@ MODEL = "vae_tiny"
 TINY_TRAINING = {"epochs": 1, "threads": 1, "model": {"latent_dim": 4, "widths": [4, 8, 8], "blocks": 0}}
 # Training sites: 3 raw IXI-like scans (+1 second session) and 4 template-space HCP-like scans (train, val and
 # test splits); analysis: 8 SantPau-like subjects, 4 DS (3 is the fewest the nested-CV classification accepts)
-# and 2 raw ABCDS-like subjects as the external site.
+# and 3 raw ABCDS-like subjects as the external site (3 per site: the site check runs).
 TINY_SITES = {"IXI": {"subjects": 3, "ds_fraction": 0.0}, "HCP": {"subjects": 4, "ds_fraction": 0.0},
-              "SantPau": {"subjects": 8, "ds_fraction": 0.5}, "ABCDS": {"subjects": 2, "ds_fraction": 0.5}}
+              "SantPau": {"subjects": 8, "ds_fraction": 0.5}, "ABCDS": {"subjects": 3, "ds_fraction": 0.5}}
 TINY_SUBJECTS = sum(site["subjects"] for site in TINY_SITES.values())
 NATIVE_DATASETS = ["IXI", "ABCDS"]
 TEMPLATE_DATASETS = ["HCP", "SantPau"]
@@ -241,11 +241,10 @@ def test_changed_classification_parameter_reruns_only_analysis_jobs(pipeline, tm
     config = changed_config(pipeline, tmp_path, lambda c: c["analysis"].update(inner_folds=2))
     jobs, output = plan_rerun(pipeline["workdir"], config)
     assert set(jobs) <= ANALYSIS_RULES, output
-    assert jobs["analysis_classify_latents"] == 1 and jobs["analysis_classify_baseline"] == 2
-    # Steps the classification does not feed stay as they are. (The voxel matrix is temp(): the voxel
+    assert jobs["analysis_tasks_latents"] == 1 and jobs["analysis_tasks_baselines"] == 1
+    # Steps the prediction tasks do not feed stay as they are. (The voxel matrix is temp(): the voxel
     # baseline rebuilds it, and the voxel PCA that reads it reruns too.)
-    assert not {"analysis_scans", "analysis_folds", "analysis_pca_latents",
-                "analysis_reconstruction_table"} & set(jobs)
+    assert not {"analysis_scans", "analysis_pca_latents", "analysis_reconstruction_table"} & set(jobs)
 
 
 def test_changed_vae_hyperparameter_retrains_that_model_and_what_follows(pipeline, tmp_path):
@@ -254,9 +253,9 @@ def test_changed_vae_hyperparameter_retrains_that_model_and_what_follows(pipelin
     assert jobs["train_vae"] == 1 and jobs["evaluate_vae"] == 1 and jobs["encode_latents"] == 1, output
     assert not PREPROCESSING_RULES & set(jobs)
     assert not {"cohort_array", "cohort_splits"} & set(jobs)  # the cohort is the same
-    assert set(jobs) - VAE_RULES <= ANALYSIS_RULES and "analysis_classify_latents" in jobs
-    # Baselines do not depend on the model.
-    assert not {"analysis_classify_baseline", "analysis_pca_voxels", "analysis_voxels"} & set(jobs)
+    assert set(jobs) - VAE_RULES <= ANALYSIS_RULES and "analysis_tasks_latents" in jobs
+    # Baselines do not depend on the model (they select scans by every model's splits, made from the cohort's).
+    assert not {"analysis_tasks_baselines", "analysis_pca_voxels", "analysis_voxels"} & set(jobs)
 
 
 def test_new_subject_is_preprocessed_alone(pipeline, tmp_path):
@@ -302,10 +301,11 @@ def test_edited_script_reruns_its_rule_and_what_follows(pipeline, tmp_path):
 
     jobs, output = plan_rerun(pipeline["workdir"], pipeline["configfile"], snakefile=copy / "Snakefile")
     samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
-    assert jobs["resample"] == len(samples), output
+    native = samples[~samples["dataset"].isin(TEMPLATE_DATASETS)]  # template-space scans have a rule of their own
+    assert jobs["resample"] == len(native), output
     assert not {"conform", "n4", "register_level1", "skullstrip", "register_level2", "qc_scan", "qc_table",
                 "demo_cohort"} & set(jobs)  # before resample, or beside it
-    assert jobs["cohort_array"] == 1 and jobs["train_vae"] == 1 and "analysis_classify_latents" in jobs
+    assert jobs["cohort_array"] == 1 and jobs["train_vae"] == 1 and "analysis_tasks_latents" in jobs
 
 
 SCAN_FILE_SUFFIXES = {  # workflow/rules/common.smk, SCAN_FILES
@@ -388,57 +388,60 @@ def test_one_job_per_scan_writes_the_same_files_and_records_bad_inputs(pipeline,
 
 # --- Analysis (workflow/rules/analysis.smk) ---------------------------------------------------------
 
-CLASSIFIERS = ["logreg", "linear_svm", "rbf_svm", "random_forest", "knn"]
-
-
 def _tsv(path):
     return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"])
 
 
-def test_analysis_table_and_shared_participant_folds(pipeline):
+def test_analysis_scans_and_the_models_own_splits(pipeline):
+    """Only scans the model never saw are scored (analysis.splits: [none]), from analyse-role datasets, split
+    as the model's own splits.tsv says."""
     analysis = pipeline["results"] / "analysis"
     scans = _tsv(analysis / "scans.tsv")
     index = read_index(pipeline["cohort"] / "cohort_index.tsv")
     assert scans["scan"].tolist() == index["scan"].tolist()
-    assert (scans["icv_ml"] > 500).all() and scans["affine_scale"].between(0.7, 1.5).all()
-    table, _ = read_latents(pipeline["results"] / "latents" / f"{MODEL}.parquet")
-    assert scans["split"].tolist() == table["split"].tolist()
-    folds = _tsv(analysis / "outer_folds.tsv")
-    groups = set(scans["dataset"] + "/" + scans["participant"].astype(str))
-    assert set(folds["group"]) == groups
-    assert (folds.groupby("repeat")["group"].apply(lambda g: g.is_unique and set(g) == groups)).all()
-    # Every feature set was scored on exactly these test participants.
-    for folder in (analysis / "models" / MODEL / "classification", analysis / "baselines" / "voxels_pca" / "classification",
-                   analysis / "baselines" / "confounds" / "classification"):
-        preds = _tsv(folder / "predictions.tsv")
-        used = (preds.assign(group=preds["dataset"] + "/" + preds["participant"].astype(str))
-                .groupby(["classifier", "repeat", "fold"])["group"].apply(set))
-        expected = folds.groupby(["repeat", "fold"])["group"].apply(set)
-        for (clf, repeat, fold), got in used.items():
-            assert got == expected[(repeat, fold)], (folder, clf, repeat, fold)
+    assert (scans["tiv_ml"] > 500).all()
+    model_splits = read_splits(pipeline["model"] / "splits.tsv")
+    trained_on = set(model_splits["scan"])
+    predictions = _tsv(analysis / "models" / MODEL / "tasks" / "predictions.tsv")
+    scored = set(predictions["scan"])
+    assert scored and scored.isdisjoint(trained_on)  # no scan the VAE learnt from (or validated, tested on)
+    datasets = dict(zip(scans["scan"], scans["dataset"]))
+    samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    analyse_only = set(samples.loc[samples["role"] == "analyse", "dataset"])  # SantPau, ABCDS and the messy one
+    assert {"SantPau", "ABCDS"} <= {datasets[s] for s in scored} <= analyse_only
+    baselines = _tsv(analysis / "baselines" / "tasks" / "predictions.tsv")
+    for task in set(predictions["task"]):  # the baselines are scored on the same scans, task by task
+        assert set(baselines.loc[baselines["task"] == task, "scan"]) == set(
+            predictions.loc[predictions["task"] == task, "scan"]), task
 
 
-def test_analysis_tables_figures_and_permutation_test(pipeline):
+def test_tasks_table_with_baselines_permutations_and_external_rows(pipeline):
     results = pipeline["results"]
     table = _tsv(results / "tables" / "classification.tsv")
-    assert list(zip(table["model"], table["feature_set"], table["classifier"])) == [
-        (model, fs, clf) for model, fs in ((MODEL, "latents"), ("(none)", "voxels_pca"), ("(none)", "confounds"))
-        for clf in CLASSIFIERS]
-    assert table["roc_auc_mean"].between(0, 1).all() and table["n_folds"].eq(3).all()
-    assert "| ROC AUC |" in (results / "tables" / "classification.md").read_text()
-    perm = _tsv(results / "analysis" / "models" / MODEL / "classification" / "permutations.tsv").iloc[0]
-    null = _tsv(results / "analysis" / "models" / MODEL / "classification" / "null.tsv")["value"].to_numpy()
-    assert perm["classifier"] == "logreg" and perm["n_permutations"] == 3 and len(null) == 3
-    assert perm["p_value"] == pytest.approx((1 + (null >= perm["observed"]).sum()) / 4)
+    scored = table[table["note"].astype(str) == ""] if "note" in table else table
+    ds = scored[scored["task"] == "ds_vs_euploid"]
+    assert {"latents", "latents_confounds", "voxels_pca", "age", "sex", "tiv", "site", "confounds"} <= set(
+        ds["feature_set"]) - {""}
+    cv = ds[ds["evaluated_on"] == "cv"]
+    assert set(cv["metric"]) == {"auc"} and cv["score"].between(0, 1).all()
+    assert (cv["ci_low"] <= cv["score"]).all() and (cv["score"] <= cv["ci_high"]).all()
+    assert set(cv["second_metric"]) == {"balanced_accuracy"}
+    assert cv["split_used"].eq("none").all()
+    ridge = cv[cv["classifier"] == "ridge"]
+    assert ridge["n_perm"].eq(TINY_ANALYSIS["permutations"]).all()
+    assert ridge["p_perm"].between(1 / (TINY_ANALYSIS["permutations"] + 1), 1).all()
+    # The external site: fitted on the analysis datasets, applied unchanged.
+    assert "ABCDS" in set(ds["evaluated_on"])
+    age = scored[scored["task"] == "brain_age"]
+    if len(age):  # enough participants for a regression (else a note says why it is left out)
+        assert set(age["metric"]) == {"mae"} and "age" not in set(age["feature_set"])
+    assert (results / "tables" / "classification.md").read_text().count("|") > 10
     recon = _tsv(results / "tables" / "reconstruction.tsv")
     assert set(zip(recon["model"], recon["method"], recon["region"])) == {
         (MODEL, m, r) for m in ("vae", "pca") for r in ("mask", "whole")}
-    site = _tsv(results / "tables" / "site_check.tsv")
-    assert site["model"].tolist() == [MODEL] and site["balanced_accuracy_mean"].between(0, 1).all()
     figures = [results / "analysis" / "models" / MODEL / "pca" / "latents_scatter.png",
                results / "analysis" / "voxels" / "pca" / "voxels_scatter.png",
-               results / "analysis" / "classification_overview.png",
-               *[results / "analysis" / "models" / MODEL / "classification" / f"roc_latents_{c}.png" for c in CLASSIFIERS]]
+               results / "analysis" / "tasks" / "ds_vs_euploid.png"]
     for figure in figures:
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
 
@@ -447,7 +450,7 @@ def test_report_holds_qc_and_the_analysis(pipeline, tmp_path):
     report = tmp_path / "report.html"
     snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
     html = report.read_text(errors="replace")
-    for section in ("Latent space (PCA)", "Classification", "Site check", "Tables", "Quality control"):
+    for section in ("Latent space (PCA)", "Prediction tasks", "Site check", "Tables", "Quality control"):
         assert section in html, section
     # The QC page: the QC table and every scan's picture.
     samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)

@@ -203,8 +203,11 @@ rule analysis_tasks_latents:
 rule analysis_tasks_baselines:
     input:
         scans=rules.analysis_scans.output[0],
-        # Every model's splits: baselines take the scans in the selection of every model.
-        splits=expand(rules.train_vae.output.splits, model=MODELS),
+        # Baselines take the scans in the selection of every model: each model's splits, made from the cohort
+        # splits and its train_labels as train_vae makes them (not read from the models, so a retrained model
+        # does not rerun the baselines).
+        splits=rules.cohort_splits.output[0],
+        index=rules.cohort_array.output.index,
         voxels=rules.analysis_voxels.output.voxels if "voxels_pca" in BASELINE_SETS else [],
         voxel_index=rules.analysis_voxels.output.index if "voxels_pca" in BASELINE_SETS else [],
     output:
@@ -214,6 +217,8 @@ rule analysis_tasks_baselines:
         f"{LOGS}/analysis/tasks_baselines.log",
     params:
         tasks=TASKS,
+        models=list(MODELS),
+        model_train_labels=[MODEL_TRAIN_LABELS[m] for m in MODELS],
         feature_sets=BASELINE_SETS,
         splits=ANALYSIS["splits"],
         settings=TASK_SETTINGS,

@@ -11,7 +11,7 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
     from brainvae.analysis.features import load_latents
     from brainvae.analysis.steps import read_scan_table
     from brainvae.analysis.task_steps import select_scans, tasks_step
-    from brainvae.vae.cohort import read_splits
+    from brainvae.vae.cohort import model_splits
 
     i, p = snakemake.input, snakemake.params
     model = snakemake.wildcards.get("model")
@@ -19,7 +19,8 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
         # This model's own split of every scan, as its latents table carries it (brainvae.vae.latents).
         split_tables = [load_latents(i.latents, required=("scan", "split"))[["scan", "split"]]]
     else:
-        split_tables = [read_splits(path) for path in i.splits]
+        split_tables = [model_splits(i.splits, i.index, labels, model=name)
+                        for name, labels in zip(p.models, p.model_train_labels, strict=True)]
     # Tasks with required: false are left out (a note row) when no scan is left; a required one fails here.
     scans = select_scans(read_scan_table(i.scans), split_tables, p.splits,
                          allow_empty=not any(t["required"] for t in p.tasks))
