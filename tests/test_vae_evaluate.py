@@ -33,6 +33,20 @@ def test_scan_metrics_perfect_and_known_error() -> None:
     assert got["ssim_mask"] < 1.0
 
 
+def test_ssim_map_matches_monai() -> None:
+    import torch
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    from brainvae.vae.evaluate import ssim_map_3d
+
+    vols, _ = synthetic_brains(2, (16, 16, 16), seed=1)
+    x, y = vols[0], vols[1]
+    pad = lambda a: torch.nn.functional.pad(torch.from_numpy(a)[None, None], (3,) * 6)  # noqa: E731
+    monai_map, _ = compute_ssim_and_cs(pad(y), pad(x), spatial_dims=3, kernel_size=[7] * 3, kernel_sigma=[1.5] * 3,
+                                       data_range=float(x.max() - x.min()))
+    np.testing.assert_allclose(ssim_map_3d(x, y, float(x.max() - x.min())), monai_map[0, 0].numpy(), atol=1e-4)
+
+
 def _gaussian_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     """Reference SSIM map: Gaussian window 7 (sigma 1.5), zero padding (scipy, independent of MONAI)."""
     from scipy import ndimage
