@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 __all__ = [
+    "load_float_image",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_nifti",
@@ -34,6 +35,21 @@ __all__ = [
 ]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def load_float_image(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+    """A 3D image as float32 (the workflow's own intermediates: conformed, RAS, 3D); an unreadable file or one
+    that is not 3D is an InputError naming it."""
+    from .errors import InputError
+
+    try:
+        img = nib.load(os.fspath(path))
+    except Exception as exc:
+        raise InputError(path, f"cannot read NIfTI ({exc})") from exc
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise InputError(path, f"expected a 3D image, got shape {data.shape}")
+    return nib.Nifti1Image(data, img.affine)
 
 
 def nifti_suffix(path: str | os.PathLike[str]) -> str:

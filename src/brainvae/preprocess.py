@@ -23,6 +23,7 @@ import numpy as np
 from brainvae.bias import N4_BIAS_FWHM, N4_ITERATIONS, N4_SHRINK_FACTOR, head_mask, n4_bias_correct, set_threads
 from brainvae.errors import InputError
 from brainvae.io import atomic_write_json, atomic_write_nifti
+from brainvae.io import load_float_image as _load
 from brainvae.registration import (
     brain_mask_from_template,
     level1_affine,
@@ -31,30 +32,17 @@ from brainvae.registration import (
     read_transform,
     write_transform,
 )
-from brainvae.resample import Grid, get_grid, normalise_intensity, resample_mask, resample_to_grids
+from brainvae.resample import DEFAULT_GRID, Grid, get_grid, normalise_intensity, resample_mask, resample_to_grids
 
 __all__ = [
     "bias_correct_file",
     "level1_file",
     "level2_file",
-    "resample_normalise_file",
     "preprocess_image",
     "set_threads",
 ]
 
 PathLike = str | os.PathLike[str]
-
-
-def _load(path: PathLike) -> nib.Nifti1Image:
-    """A 3D float32 image (inputs are already conformed: RAS, 3D)."""
-    try:
-        img = nib.load(os.fspath(path))
-    except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI ({exc})") from exc
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D image, got shape {data.shape}")
-    return nib.Nifti1Image(data, img.affine)
 
 
 def bias_correct_file(
@@ -141,7 +129,7 @@ def preprocess_image(
     corrected: nib.Nifti1Image,
     brain_mask_native: nib.Nifti1Image,
     affine_ras: np.ndarray,
-    grid: str | Grid = "2mm",
+    grid: str | Grid = DEFAULT_GRID,
     *,
     order: int = 3,
     method: str = "zscore",
@@ -160,51 +148,6 @@ def preprocess_image(
     norm = normalise_intensity(outs[0], mask, method=method, percentiles=percentiles,
                                background=background)
     return norm, mask, (outs[1] if qc_grid is not None else None)
-
-
-def resample_normalise_file(
-    in_corrected: PathLike,
-    in_brain_mask: PathLike,
-    in_transform: PathLike,
-    out_t1w: PathLike,
-    out_mask: PathLike,
-    out_qc: PathLike | None = None,
-    *,
-    grid: str = "2mm",
-    order: int = 3,
-    method: str = "zscore",
-    percentiles: tuple[float, float] = (1.0, 99.0),
-    background: float = 0.0,
-    mask_space: str = "native",
-    qc_grid: str = "mni1mm",
-    in_level1: PathLike | None = None,
-    threads: int | None = None,
-) -> None:
-    """Steps 5-7: the single resampling of the native corrected head to the training grid.
-
-    ``in_brain_mask`` is native (``mask_space="native"``) or level-1 space (``"level1"``: it is
-    then pulled back to native through ``in_level1`` -- linear + 0.5 threshold -- and the final
-    mask is resampled from native through the composed transform, like the image).
-    """
-    if threads:
-        set_threads(threads)
-    img = _load(in_corrected)
-    a = read_transform(in_transform)
-    mask = _load(in_brain_mask)
-    if mask_space != "native" or mask.shape != img.shape or not np.allclose(mask.affine, img.affine,
-                                                                           atol=1e-3):
-        if mask_space == "level1" and in_level1 is None:
-            raise InputError(in_brain_mask, "a level-1-space mask needs the level-1 transform")
-        l1 = read_transform(in_level1) if in_level1 is not None else np.eye(4)
-        m = mask_to_native(mask, img, mask_space, l1)
-        mask = nib.Nifti1Image(m.astype(np.uint8), img.affine)
-    norm, gmask, qc = preprocess_image(img, mask, a, grid, order=order, method=method,
-                                       percentiles=percentiles, background=background,
-                                       qc_grid=qc_grid if out_qc is not None else None)
-    atomic_write_nifti(norm, out_t1w)
-    atomic_write_nifti(gmask, out_mask)
-    if out_qc is not None and qc is not None:
-        atomic_write_nifti(qc, out_qc)
 
 
 def head_mask_file(in_t1w: PathLike, out_mask: PathLike) -> None:

@@ -28,6 +28,7 @@ from brainvae.io import atomic_path
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "QC_GRID",
     "METRIC_COLUMNS",
     "MIN_OUTLIER_SPREAD",
     "OUTLIER_SIDE",
@@ -44,6 +45,9 @@ ImageLike = nib.Nifti1Image | str | os.PathLike
 _CORR_SMOOTH_MM = 2.0  # Gaussian sigma applied before the template correlation
 
 #: Default flag thresholds (override any subset via ``qc_flags(metrics, thresholds)``).
+#: Grid of the QC metrics and picture (a resampling of its own, for display and checks; not the training grid).
+QC_GRID = "2mm"
+
 DEFAULT_THRESHOLDS: dict[str, float] = {
     # Pearson r (2 mm smoothing, inside both brain masks) of the preprocessed image with the
     # template: affine-registered real IXI T1w without N4 0.46-0.58 (N4 raises it); the same

@@ -65,6 +65,9 @@ class Grid:
 
 
 #: Named training grids (all share the FOV above). Shapes divisible by 8 for the VAE.
+#: The training grid when none is named (the schema's preprocess.grid default: the demo's 4 mm grid).
+DEFAULT_GRID = "demo"
+
 GRIDS: dict[str, Grid] = {
     "1mm": Grid.from_fov("1mm", 1.0),  # 160 x 192 x 160
     "2mm": Grid.from_fov("2mm", 2.0),  # 80 x 96 x 80

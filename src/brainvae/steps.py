@@ -17,13 +17,11 @@ import pandas as pd
 
 from .errors import InputError
 from .io import atomic_write_json, atomic_write_nifti, read_json
+from .io import load_float_image as _load
+from .qc import QC_GRID
+from .resample import DEFAULT_GRID
 
 PathLike = str | os.PathLike
-
-
-def _load(path: PathLike) -> nib.Nifti1Image:
-    img = nib.load(os.fspath(path))
-    return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
 
 
 def bias_corrected(conformed: PathLike, biasfield: PathLike) -> nib.Nifti1Image:
@@ -67,7 +65,7 @@ def skullstrip_file(in_level1_head: PathLike, in_level1: PathLike, in_native: Pa
 
 
 def preprocess_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike,
-                    in_transform: PathLike, out_t1w: PathLike, out_mask: PathLike, *, grid: str = "demo",
+                    in_transform: PathLike, out_t1w: PathLike, out_mask: PathLike, *, grid: str = DEFAULT_GRID,
                     order: int = 3, method: str = "percentile", percentiles: Sequence[float] = (1.0, 99.0),
                     background: float = 0.0) -> None:
     """The one resampling: native bias-corrected head -> training grid through the composed affine."""
@@ -84,7 +82,7 @@ def preprocess_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mas
 
 def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathLike, in_transform: PathLike,
             level_jsons: Mapping[str, PathLike], out_png: PathLike, out_json: PathLike, *, scan: str,
-            thresholds: Mapping[str, float] | None = None, grid: str = "2mm",
+            thresholds: Mapping[str, float] | None = None, qc_grid: str = QC_GRID,
             skullstrip_info: PathLike | None = None, template_space: str | None = None) -> dict[str, Any]:
     """QC of one scan: metrics, automatic flags and a three-plane picture on a 2 mm MNI grid.
 
@@ -101,7 +99,7 @@ def qc_file(in_conformed: PathLike, in_biasfield: PathLike, in_brain_mask: PathL
 
     corrected = bias_corrected(in_conformed, in_biasfield)
     native_mask = _load(in_brain_mask)
-    image, mask, _ = preprocess_image(corrected, native_mask, read_transform(in_transform), grid,
+    image, mask, _ = preprocess_image(corrected, native_mask, read_transform(in_transform), qc_grid,
                                       order=1, method="percentile")
     metrics: dict[str, Any] = {"scan": scan, **qc_metrics(image, mask, native_mask, corrected)}
     for level, path in level_jsons.items():
@@ -157,7 +155,7 @@ SCAN_OUTPUTS = ("conformed", "conform_sidecar", "biasfield", "headmask", "level1
 
 def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
                           conform: Mapping[str, Any], n4: Mapping[str, Any], skullstrip_method: str = "deepbet",
-                          grid: str = "demo", order: int = 3, normalisation: Mapping[str, Any] | None = None,
+                          grid: str = DEFAULT_GRID, order: int = 3, normalisation: Mapping[str, Any] | None = None,
                           qc_thresholds: Mapping[str, float] | None = None, threads: int = 1,
                           failure_records: PathLike | None = None, scan: str | None = None,
                           conform_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -211,7 +209,7 @@ TEMPLATE_SPACES = ("MNI152NLin2009aSym",)
 
 
 def template_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
-                        conform: Mapping[str, Any], space: str = TEMPLATE_SPACES[0], grid: str = "demo",
+                        conform: Mapping[str, Any], space: str = TEMPLATE_SPACES[0], grid: str = DEFAULT_GRID,
                         order: int = 3, normalisation: Mapping[str, Any] | None = None,
                         qc_thresholds: Mapping[str, float] | None = None,
                         failure_records: PathLike | None = None, scan: str | None = None,
