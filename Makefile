@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainvae-installed
 CORES ?= all
 # Tests run in parallel, one worker per core (pytest-xdist), a module per worker at a time (tests/conftest.py:
 # the modules that share the costly tiny workflow run go to one worker together); each test uses one thread.
-PYTEST_ARGS ?= -n auto --dist loadfile
+PYTEST_ARGS ?= -n auto --dist loadfile --durations=25
 
 .PHONY: env demo preprocess test dryrun report lock bench clean
 

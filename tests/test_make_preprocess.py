@@ -26,7 +26,7 @@ def make_preprocess_command() -> list[str]:
 
 @pytest.mark.parametrize("one_job_per_scan", [False, True])
 def test_make_preprocess_plans_preprocessing_and_qc_only(tmp_path, one_job_per_scan):
-    config = yaml.safe_load(demo_config(tmp_path, subjects=6).read_text())
+    config = yaml.safe_load(demo_config(tmp_path, sites={"IXI": 2, "HCP": 2, "SantPau": 2, "ABCDS": 2}).read_text())
     config["preprocess"]["one_job_per_scan"] = one_job_per_scan
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [*make_preprocess_command(), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),

@@ -77,8 +77,10 @@ def test_code_in_a_label_cell_stays_a_string(tmp_path, real_t1w_dir):
     payloads = _payloads(tmp_path)
     # two participants per label
     bids = _bids_of_one_scan_each(tmp_path, real_t1w_dir, [{"group": text} for text in [*payloads.values()] * 2])
+    # The labels are the classes of a multiclass task, so they reach the analysis jobs' parameters.
     config = {"output_dir": "results", "cohort": {"train_labels": None},
-              "datasets": [{"name": "untrusted", "bids_dir": str(bids), "role": "both", "label_column": "group"}]}
+              "datasets": [{"name": "untrusted", "bids_dir": str(bids), "role": "both", "label_column": "group"}],
+              "analysis": {"tasks": {"payload_classes": {"column": "group", "kind": "multiclass", "required": True}}}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = _run(tmp_path, configfile, "--dry-run", timeout=600)

@@ -129,12 +129,13 @@ def test_evaluation_tables(pipeline):
     splits = read_splits(pipeline["cohort"] / "splits.tsv")
     test_scans = set(splits.loc[splits["split"] == "test", "scan"])
     per_scan = pd.read_csv(evaluation / "per_scan_metrics.tsv", sep="\t")
-    assert set(per_scan["method"]) == {"vae", "pca"}
-    assert set(per_scan["scan"]) == test_scans and len(per_scan) == 2 * len(test_scans)
+    # The VAE next to its two linear references: PCA of equal dimension and the training mean image.
+    assert set(per_scan["method"]) == {"vae", "pca", "mean_image"}
+    assert set(per_scan["scan"]) == test_scans and len(per_scan) == 3 * len(test_scans)
     summary = pd.read_csv(evaluation / "summary.tsv", sep="\t")
     assert list(summary.columns) == ["method", "metric", "region", "n", "mean", "sd", "ci_low", "ci_high"]
     assert set(summary["metric"]) == {"mse", "mae", "psnr", "ssim"}
-    assert set(summary["region"]) == {"mask", "whole"} and len(summary) == 16
+    assert set(summary["region"]) == {"mask", "whole"} and len(summary) == 3 * 4 * 2
     ssim = summary[summary["metric"] == "ssim"]
     assert ssim["mean"].between(-1, 1).all()
     for name in ("reconstructions.png", "prior_samples.png"):
@@ -438,7 +439,7 @@ def test_tasks_table_with_baselines_permutations_and_external_rows(pipeline):
     assert (results / "tables" / "classification.md").read_text().count("|") > 10
     recon = _tsv(results / "tables" / "reconstruction.tsv")
     assert set(zip(recon["model"], recon["method"], recon["region"])) == {
-        (MODEL, m, r) for m in ("vae", "pca") for r in ("mask", "whole")}
+        (MODEL, m, r) for m in ("vae", "pca", "mean_image") for r in ("mask", "whole")}
     figures = [results / "analysis" / "models" / MODEL / "pca" / "latents_scatter.png",
                results / "analysis" / "voxels" / "pca" / "voxels_scatter.png",
                results / "analysis" / "tasks" / "ds_vs_euploid.png"]

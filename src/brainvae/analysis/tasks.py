@@ -276,6 +276,10 @@ def plan_tasks(
         present = sorted(set(values))
         if task.kind is TaskKind.BINARY:
             if task.positive not in present and task.positive not in declared:
+                if len(set(present) | declared) < 2:  # one class only: the task cannot run, not a typo
+                    skip(f"column '{task.column}' has one value only ({', '.join(present) or 'none'}); "
+                         f"positive class '{task.positive}' has no scans", "positive")
+                    continue
                 raise ConfigError(f"{where_key}.positive: '{task.positive}' is not a value of column '{task.column}' "
                                   f"(values: {', '.join(present) or 'none'}; datasets' labels: "
                                   f"{', '.join(sorted(declared)) or 'none'})")
