@@ -6,9 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.brainvae-installed
 CORES ?= all
-# Tests run in parallel, one worker per core (pytest-xdist), a module per worker at a time (tests/conftest.py:
+# Tests run in parallel, one worker per logical CPU (pytest-xdist), a module per worker at a time (tests/conftest.py:
 # the modules that share the costly tiny workflow run go to one worker together); each test uses one thread.
-PYTEST_ARGS ?= -n auto --dist loadfile --durations=25
+# `-n logical`, not `-n auto`: with psutil installed, auto counts physical cores, which is 1 on a 2-vCPU machine
+# with hyperthreading, and the whole suite then runs in one worker (twice as long).
+PYTEST_ARGS ?= -n logical --dist loadfile --durations=25
 
 .PHONY: env demo preprocess test dryrun report lock bench clean
 

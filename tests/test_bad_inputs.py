@@ -353,6 +353,53 @@ def test_real_scan_runs_the_whole_pipeline(messy_run, subject):
     assert _scan(subject) in set(table["scan"])  # encoded by the VAE
 
 
+def test_every_real_scan_of_the_bundle_is_in_the_run(real_t1w_dir):
+    bundled = sorted(p.relative_to(real_t1w_dir).as_posix() for p in real_t1w_dir.glob("*/*.nii.gz"))
+    assert sorted(REAL_SCANS.values()) == bundled and len(bundled) == 10
+
+
+@pytest.mark.parametrize("subject", sorted(REAL_SCANS))
+def test_real_scan_volume_is_plausible_unless_cut(messy_run, subject):
+    """Only a cut field of view excuses an implausible volume ("or any flag" could not fail: a volume out of
+    range raises its own flag). Measured: 1337-1645 mL, no scan flagged partial_coverage."""
+    row = _qc(messy_run).loc[f"sub-{subject}"]
+    flags = set(filter(None, row["flags"].split(";")))
+    if "partial_coverage" not in flags:
+        assert 1000.0 <= float(row["brain_volume_ml"]) <= 1900.0, row.to_dict()
+    if not flags:  # a plausible volume must come with a working registration, not a lucky mask
+        assert float(row["template_correlation"]) >= 0.4, row.to_dict()
+
+
+def test_partial_coverage_scan_is_measured_as_cut(messy_run):
+    """The clinical scan whose slab misses the top of the brain (open_ms patient01): QC must see the missing part.
+
+    Measured (coverage of the template brain): this scan 0.984; the full-head IXI, niivue and brainchop scans
+    0.999-0.99995 (the other 3 mm-slice clinical scans, 0.98-0.99, are not compared). It misses too little brain
+    to reach the partial_coverage flag (< 0.9), so its volume must still be plausible.
+    """
+    from brainvae import qc
+
+    table = _qc(messy_run)
+    coverage = {s: float(table.at[f"sub-{s}", "fov_coverage"]) for s in REAL_SCANS}
+    full_head = [c for s, c in coverage.items() if not s.startswith("ms")]
+    assert coverage["ms01"] < 0.99 and min(full_head) >= 0.995, coverage
+    flagged = "partial_coverage" in table.at["sub-ms01", "flags"].split(";")
+    assert flagged == (coverage["ms01"] < qc.DEFAULT_THRESHOLDS["min_fov_coverage"])
+
+
+@pytest.mark.parametrize("subject", sorted(IXI))
+def test_ixi_skullstrip_dice_vs_dlmuse(messy_run, real_t1w_dir, subject):
+    """The workflow's native brain mask against DLMUSE labels > 0 (measured 0.978-0.983)."""
+    from brainvae.resample import Grid, resample_to_grid
+    from brainvae.skullstrip import dice
+
+    labels = nib.load(real_t1w_dir / "ixi" / "dlmuse" / f"{IXI[subject]}_DLMUSE.nii.gz")
+    mask = nib.load(messy_run["deriv"] / f"{_scan(subject)}_desc-brain_mask.nii.gz")
+    ours = resample_to_grid(mask, np.eye(4), Grid.from_image(labels), order=0).get_fdata() > 0.5
+    score = dice(ours, np.asarray(labels.dataobj) > 0)
+    assert score >= 0.93, score
+
+
 # --- Decided at conform: orientations, storage types, a singleton 4th axis ---------------------------------------
 
 TWIN_CASES = {
