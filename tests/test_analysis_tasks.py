@@ -266,6 +266,24 @@ def test_configuration_mistakes_of_tasks_are_config_errors_naming_the_key(change
         plan_tasks(tasks, samples, datasets)
 
 
+def test_a_task_the_data_cannot_give_is_an_error_when_required_and_a_note_otherwise():
+    """One class only (a euploid-only study) or a text target: the data's limits, not a typo of the config."""
+    samples, datasets = _samples(n_per_class=9)
+    euploid_only = samples.assign(label="euploid", age="unknown")
+    datasets = [{**d, "labels": None} for d in datasets]
+    tasks = {"ds_vs_euploid": dict(DEFAULT_TASKS["ds_vs_euploid"]), "brain_age": dict(DEFAULT_TASKS["brain_age"])}
+    with pytest.raises(ConfigError, match="analysis.tasks.ds_vs_euploid.positive: column 'group' has one value only"):
+        plan_tasks(tasks, euploid_only, datasets)
+    with pytest.raises(ConfigError, match="analysis.tasks.brain_age.column: regression needs numbers"):
+        plan_tasks({"brain_age": tasks["brain_age"]}, euploid_only, datasets)
+    plan = plan_tasks({k: {**v, "required": False} for k, v in tasks.items()}, euploid_only, datasets)
+    assert not plan.tasks and len(plan.notes) == 2 and "one value only (euploid)" in plan.notes[0]
+    # Two classes present and a positive class that is neither: a typo, an error even for an optional task.
+    typo = {"ds_vs_euploid": {**tasks["ds_vs_euploid"], "positive": "Ds", "required": False}}
+    with pytest.raises(ConfigError, match="'Ds' is not a value of column 'group'"):
+        plan_tasks(typo, samples, datasets)
+
+
 def test_too_few_participants_is_an_error_for_required_tasks_and_a_note_otherwise():
     samples, datasets = _samples(n_per_class=1)
     with pytest.raises(ConfigError, match="analysis.tasks.ds_vs_euploid: needs two or more classes"):

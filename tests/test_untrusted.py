@@ -75,8 +75,8 @@ def test_participants_cells_stay_strings(tmp_path, real_t1w_dir):
 def test_code_in_a_label_cell_stays_a_string(tmp_path, real_t1w_dir):
     """Labels flow into job parameters (the analysis): they must not be formatted as Snakemake wildcards."""
     payloads = _payloads(tmp_path)
-    # two participants per label
-    bids = _bids_of_one_scan_each(tmp_path, real_t1w_dir, [{"group": text} for text in [*payloads.values()] * 2])
+    # three participants per label: the fewest a classification task accepts
+    bids = _bids_of_one_scan_each(tmp_path, real_t1w_dir, [{"group": text} for text in [*payloads.values()] * 3])
     # The labels are the classes of a multiclass task, so they reach the analysis jobs' parameters.
     config = {"output_dir": "results", "cohort": {"train_labels": None},
               "datasets": [{"name": "untrusted", "bids_dir": str(bids), "role": "both", "label_column": "group"}],

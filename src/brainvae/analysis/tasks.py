@@ -229,9 +229,9 @@ def plan_tasks(
     the analysed scans are those of datasets with role analyse or both. Raises
     :class:`~brainvae.errors.ConfigError` naming the key for a mistake in the configuration: a
     positive class or ordinal level that no dataset has, an external dataset that is not an
-    analysed dataset, more than two classes for a binary task, a non-numeric regression target;
-    and, for a task with ``required: true``, a column missing from the samples table or too few
-    participants. A task with ``required: false`` is left out with a note instead.
+    analysed dataset, more than two classes for a binary task; and, for a task with ``required: true``,
+    what the data cannot give: a column missing from the samples table, one class only, a non-numeric
+    regression target, too few participants. A task with ``required: false`` is left out with a note instead.
     """
     names = {str(d["name"]): d for d in datasets}
     analysed_names = [n for n, d in names.items() if d.get("role") in ("analyse", "both")]
@@ -295,8 +295,8 @@ def plan_tasks(
             numbers = pd.to_numeric(values, errors="coerce")
             if numbers.isna().any():
                 bad = sorted(set(values[numbers.isna().to_numpy()]))[:5]
-                raise ConfigError(f"{where_key}.column: regression needs numbers; column '{task.column}' has "
-                                  f"{', '.join(bad)}")
+                skip(f"regression needs numbers; column '{task.column}' has {', '.join(bad)}", "column")
+                continue
         cv = rows[~rows["dataset"].astype(str).isin(list(external_datasets))] if task.hold_out_external else rows
         if task.is_classification:
             per_class = {c: _participants(cv[cv[source].astype(str) == c]) for c in sorted(set(cv[source].astype(str)))}
