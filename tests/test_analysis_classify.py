@@ -22,7 +22,7 @@ from brainvae.analysis import (
     run_classification,
     site_check,
 )
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 
 FAST = dict(n_splits=3, n_repeats=1, n_inner=2, seed=0)
 

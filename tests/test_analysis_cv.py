@@ -16,7 +16,7 @@ from brainvae.analysis import (
 )
 from brainvae.analysis.cv import inner_splits
 from brainvae.analysis.features import FeatureSet
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from brainvae.analysis import (
     permutation_null,
     permute_labels_by_group,
 )
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 
 CHANCE_TOLERANCE = 0.1
 # Each permuted AUC scatters by ~0.14 at this size: the mean of 10 is within ~0.05 of its expectation.

@@ -24,7 +24,7 @@ from brainvae.analysis import (
     write_classification_outputs,
 )
 from brainvae.analysis.plots import plot_confusion, plot_explained_variance, plot_pca_scatter, plot_roc
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -26,7 +26,7 @@ from brainvae.analysis.steps import (
     site_check_step,
     site_check_tables,
 )
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 from brainvae.analysis.tables import format_reconstruction_summary, write_tsv
 
 def _write_json(path, obj):

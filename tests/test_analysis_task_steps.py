@@ -10,7 +10,7 @@ import pytest
 from brainvae.analysis import AnalysisError
 from brainvae.analysis.evaluate import RESULT_COLUMNS
 from brainvae.analysis.steps import scan_table
-from brainvae.analysis.synthetic import synthetic_cohort
+from synthetic_latents import synthetic_cohort
 from brainvae.analysis.tables import write_tsv
 from brainvae.analysis.task_steps import NO_MODEL, select_scans, tasks_step, tasks_tables
 from brainvae.analysis.tasks import BASELINE_FEATURE_SETS, parse_tasks, task_to_dict

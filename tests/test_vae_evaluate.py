@@ -12,7 +12,7 @@ import pytest
 
 from brainvae.vae.cohort import make_splits, read_index, select_training
 from brainvae.vae.evaluate import PCABaseline, bootstrap_ci, evaluate_vae, scan_metrics, summarise
-from brainvae.vae.synthetic import synthetic_brains, write_synthetic_cohort
+from synthetic_brains import synthetic_brains, write_synthetic_cohort
 from brainvae.vae.train import train_vae
 
 

@@ -23,7 +23,7 @@ from brainvae.vae.nn import build_model, load_model
 from brainvae.vae.nn.losses import PerceptualLoss
 from brainvae.vae.nn.spatial import fold, unfold
 from brainvae.vae.optim import beta_at
-from brainvae.vae.synthetic import synthetic_brains, write_synthetic_cohort
+from synthetic_brains import synthetic_brains, write_synthetic_cohort
 from brainvae.vae.trainer import CHECKPOINT_NAME, Trainer, train_vae
 
 SHAPE = (16, 16, 16)

@@ -13,7 +13,7 @@ import pytest
 
 from brainvae.vae.cohort import make_splits, read_index, select_training
 from brainvae.vae.latents import export_latents, latent_schema, read_latents
-from brainvae.vae.synthetic import write_synthetic_cohort
+from synthetic_brains import write_synthetic_cohort
 from brainvae.vae.train import config_sha256, train_vae
 
 TINY = {"model": {"latent_dim": 6, "widths": [4, 8]}, "epochs": 1, "batch_size": 4}

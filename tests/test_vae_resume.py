@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from brainvae.vae.cohort import make_splits, read_index
-from brainvae.vae.synthetic import write_synthetic_cohort
+from synthetic_brains import write_synthetic_cohort
 from brainvae.vae.train import CHECKPOINT_NAME, train_vae
 
 TINY = {"model": {"latent_dim": 8, "widths": [4, 8], "blocks": 1}, "epochs": 5, "batch_size": 2,

@@ -21,7 +21,7 @@ import torch
 
 from brainvae.vae.cohort import make_splits, read_index, select_training
 from brainvae.vae.evaluate import evaluate_vae, mean_metric
-from brainvae.vae.synthetic import write_synthetic_cohort
+from synthetic_brains import write_synthetic_cohort
 from brainvae.vae.train import augment, train_vae
 
 

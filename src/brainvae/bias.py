@@ -30,12 +30,12 @@ def set_threads(n: int) -> None:
 
     Call it before the first ITK call of the process: ANTsPy's bundled ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when it first creates a thread pool.
-    :func:`brainvae.workflow.set_thread_count` (what every job calls), with SimpleITK imported first so that
+    :func:`brainvae.runtime.set_thread_count` (what every job calls), with SimpleITK imported first so that
     its global default is set too.
     """
     import SimpleITK  # noqa: F401
 
-    from .workflow import set_thread_count
+    from .runtime import set_thread_count
 
     set_thread_count(n)
 

@@ -6,6 +6,7 @@ Errors name the offending key as a path (``datasets[1].role``) so that users can
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,30 @@ def _check_semantics(config: dict[str, Any]) -> None:
     conform = config.get("conform", {})
     if conform.get("min_voxel_mm", 0) >= conform.get("max_voxel_mm", float("inf")):
         problems.append("config key conform.min_voxel_mm: must be smaller than conform.max_voxel_mm")
+    fractions = config.get("cohort", {}).get("split_fractions")
+    if fractions is not None and not math.isclose(sum(fractions), 1.0):
+        problems.append(f"config key cohort.split_fractions: must sum to 1, got {fractions}")
+    if "train_labels" in config.get("training", {}):
+        problems.append("config key training.train_labels: set cohort.train_labels (every model) or "
+                        "models.<name>.train_labels (one model)")
+    problems += _model_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _model_problems(config: dict[str, Any]) -> list[str]:
+    """Model variants whose settings cannot run here (e.g. a perceptual term without local weights)."""
+    from .vae.config import check_startup
+    from .vae.variants import split_run_options, split_train_labels, variant_settings
+
+    problems = []
+    for name, overrides in (config.get("models") or {}).items():
+        try:
+            settings = variant_settings(config.get("training", {}), split_train_labels(overrides, None)[0])
+            check_startup(split_run_options(settings)[0])
+        except ValueError as error:
+            problems.append(f"config key models.{name}: {error}")
+    return problems
 
 
 def load_config(path: str | Path, schema: dict | str | Path) -> dict[str, Any]:

@@ -520,25 +520,18 @@ def conform_scan(
     in_path: str | os.PathLike[str],
     out_image: str | os.PathLike[str],
     out_json: str | os.PathLike[str],
-    *,
-    volume_index: int | None = None,
-    orientation: str = DEFAULT_ORIENTATION,
-    min_voxel_mm: float = DEFAULT_MIN_VOXEL_MM,
-    max_voxel_mm: float = DEFAULT_MAX_VOXEL_MM,
-    max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
-    source_uri: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Load, validate and conform ``in_path``; write ``out_image`` and ``out_json``; return the sidecar.
+
+    ``options``: the keyword arguments of :func:`conform_image` (``volume_index``, ``orientation``,
+    the voxel-size limits, ``source_uri``), with its defaults.
 
     All checks run before anything is written and both outputs are written atomically (image
     first, sidecar last), so an error never leaves a partial or unpaired output behind.
     """
     img = load_nifti(in_path)
-    out_img, sidecar = conform_image(
-        img, source=in_path, volume_index=volume_index, orientation=orientation,
-        min_voxel_mm=min_voxel_mm, max_voxel_mm=max_voxel_mm, max_anisotropy=max_anisotropy,
-        source_uri=source_uri,
-    )
+    out_img, sidecar = conform_image(img, source=in_path, **options)
     sidecar["SourceSHA256"] = sha256_file(in_path)
     atomic_write_nifti(out_img, out_image)
     try:

@@ -153,9 +153,27 @@ def _by_id(table: pd.DataFrame, id_column: str, to_label, where: Path, notes: li
     return out
 
 
+def _join_demographics(path: str | os.PathLike[str], rows: dict[str, dict[str, str]], notes: list[str],
+                       id_names: tuple[str, ...], sex_names: tuple[str, ...], age_names: tuple[str, ...],
+                       to_label, fill) -> None:
+    """Fill ``rows`` (subject label -> participants.tsv row) from a demographics table: ``fill(row, sex
+    cell, age cell)`` for each subject found by ``to_label(ID cell)``; a subject without a row is noted."""
+    where = Path(path)
+    table = read_table(where)
+    id_col, sex_col, age_col = (_column(table, where, *id_names), _column(table, where, *sex_names),
+                                _column(table, where, *age_names))
+    found = _by_id(table, id_col, to_label, where, notes)
+    for sub, row in rows.items():
+        if sub in found:
+            fill(row, found[sub][sex_col], found[sub][age_col])
+        else:
+            notes.append(f"{where}: no row for {sub}; its age and sex are n/a")
+
+
 # --------------------------------------------------------------------------------------------
 # Layouts
 # --------------------------------------------------------------------------------------------
+
 
 def ixi_dataset(src: str | os.PathLike[str], demographics: str | os.PathLike[str] | None = None
                 ) -> Dataset:
@@ -190,24 +208,15 @@ def ixi_dataset(src: str | os.PathLike[str], demographics: str | os.PathLike[str
             if site not in IXI_SITES:
                 notes.append(f"{path}: unknown IXI site {site!r}; no scanner facts in its sidecar")
     if demographics is not None:
-        where = Path(demographics)
-        table = read_table(where)
-        id_col, sex_col, age_col = (_column(table, where, "IXI_ID"),
-                                    _column(table, where, "SEX_ID", "SEX"),
-                                    _column(table, where, "AGE"))
-
         def to_label(value: str) -> str | None:
             digits = value.upper().removeprefix("IXI")
             return f"IXI{int(float(digits)):03d}" if re.fullmatch(r"\d+(\.0*)?", digits) else None
 
-        found = _by_id(table, id_col, to_label, where, notes)
-        for sub, row in rows.items():
-            if sub not in found:
-                notes.append(f"{where}: no row for {sub}; its age and sex are n/a")
-                continue
-            row["sex"] = {"1": "M", "2": "F"}.get(found[sub][sex_col].split(".")[0], NA)
-            age = found[sub][age_col]
+        def fill(row: dict[str, str], sex: str, age: str) -> None:
+            row["sex"] = {"1": "M", "2": "F"}.get(sex.split(".")[0], NA)
             row["age"] = f"{float(age):.2f}" if re.fullmatch(r"\d+(\.\d*)?", age) else NA
+
+        _join_demographics(demographics, rows, notes, ("IXI_ID",), ("SEX_ID", "SEX"), ("AGE",), to_label, fill)
     return Dataset("IXI", "brainvae import-ixi", scans,
                    _participants(rows, ["age", "sex", "group", "site"]), skipped, notes,
                    source_url="https://brain-development.org/ixi-dataset/",
@@ -283,20 +292,13 @@ def hcp_dataset(src: str | os.PathLike[str], behavioral: str | os.PathLike[str] 
         rows[sub] = {"group": "euploid"}
     notes += [f"{n} subjects from the {kind} layout" for kind, n in sorted(used.items())]
     if behavioral is not None:
-        where = Path(behavioral)
-        table = read_table(where)
-        id_col, sex_col, age_col = (_column(table, where, "Subject"),
-                                    _column(table, where, "Gender", "Sex"),
-                                    _column(table, where, "Age"))
-        found = _by_id(table, id_col, lambda v: v if is_bids_label(v) else None, where, notes)
-        for sub, row in rows.items():
-            if sub not in found:
-                notes.append(f"{where}: no row for subject {sub}; its age and sex are n/a")
-                continue
-            sex = found[sub][sex_col].upper()
-            row["sex"] = sex if sex in ("M", "F") else NA
-            row["age_range"] = found[sub][age_col] or NA
-            row["age"] = _age_midpoint(found[sub][age_col])
+        def fill(row: dict[str, str], sex: str, age_range: str) -> None:
+            row["sex"] = sex.upper() if sex.upper() in ("M", "F") else NA
+            row["age_range"] = age_range or NA
+            row["age"] = _age_midpoint(age_range)
+
+        _join_demographics(behavioral, rows, notes, ("Subject",), ("Gender", "Sex"), ("Age",),
+                           lambda v: v if is_bids_label(v) else None, fill)
     return Dataset("HCP", "brainvae import-hcp", scans,
                    _participants(rows, ["age", "age_range", "sex", "group"]), skipped, notes,
                    source_url="https://www.humanconnectome.org/")

@@ -112,7 +112,7 @@ OUTLIER_SIDE: dict[str, int] = {"mask_excess": +1, "fov_coverage": -1}
 # ----------------------------------------------------------------------------- helpers
 
 
-def _load(img: ImageLike) -> nib.Nifti1Image:
+def _as_image(img: ImageLike) -> nib.Nifti1Image:
     return img if isinstance(img, nib.spatialimages.SpatialImage) else nib.load(os.fspath(img))
 
 
@@ -180,15 +180,15 @@ def qc_metrics(
       T2-like.
     * ``voxel_min_mm``, ``voxel_max_mm``, ``anisotropy``: native voxel sizes.
     """
-    preproc = _load(preproc_img)
+    preproc = _as_image(preproc_img)
     if template is None or template_mask is None:
         default_t, default_m = _default_template()
         template = default_t if template is None else template
         template_mask = default_m if template_mask is None else template_mask
-    tpl = _on_grid(_load(template), preproc, order=1)
-    tpl_mask = _on_grid(_load(template_mask), preproc, order=0) > 0.5
+    tpl = _on_grid(_as_image(template), preproc, order=1)
+    tpl_mask = _on_grid(_as_image(template_mask), preproc, order=0) > 0.5
     x = np.nan_to_num(_data(preproc))
-    mask_mni = _on_grid(_load(brain_mask_mni), preproc, order=0) > 0.5
+    mask_mni = _on_grid(_as_image(brain_mask_mni), preproc, order=0) > 0.5
     zooms = _zooms(preproc)
     out: dict[str, float] = {}
 
@@ -221,14 +221,14 @@ def qc_metrics(
         float(np.mean(dist_from_support[tpl_mask] <= 5.0)) if dist_from_support is not None else 0.0
     )
 
-    nmask_img = _load(native_mask)
+    nmask_img = _as_image(native_mask)
     nmask = _data(nmask_img) > 0.5
     out["brain_volume_ml"] = float(nmask.sum()) * float(np.prod(_zooms(nmask_img))) / 1000.0
     out["brain_volume_mni_ml"] = float(mask_mni.sum()) * float(np.prod(zooms)) / 1000.0
 
     out.update(_contrast_metrics(x, tpl, tpl_mask, mask_mni, zooms))
 
-    vox = _zooms(_load(native_img))
+    vox = _zooms(_as_image(native_img))
     out["voxel_min_mm"] = float(vox.min())
     out["voxel_max_mm"] = float(vox.max())
     out["anisotropy"] = float(vox.max() / vox.min()) if vox.min() > 0 else float("nan")
@@ -465,11 +465,11 @@ def qc_figure(
     from matplotlib.figure import Figure
     from skimage.feature import canny
 
-    img = nib.as_closest_canonical(_load(image))  # RAS: rows/cols map to fixed anatomical axes
+    img = nib.as_closest_canonical(_as_image(image))  # RAS: rows/cols map to fixed anatomical axes
     data = np.nan_to_num(_data(img))
     msk = None
     if mask is not None:
-        msk = _on_grid(_load(mask), img, order=0) > 0.5
+        msk = _on_grid(_as_image(mask), img, order=0) > 0.5
     tpl = _template_image(template_edges_from)
 
     centre = ndi.center_of_mass(msk) if msk is not None and msk.any() else np.array(data.shape) / 2

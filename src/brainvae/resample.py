@@ -130,7 +130,7 @@ def _crop_to_grids(img: nib.Nifti1Image, affine_ras: np.ndarray, grids: Sequence
 def interpolation_threads() -> int:
     """Threads for spline filtering and interpolation: the job's thread count.
 
-    ``brainvae.workflow.set_thread_count`` (every job) and ``brainvae.bias.set_threads`` put it in
+    ``brainvae.runtime.set_thread_count`` (every job) and ``brainvae.bias.set_threads`` put it in
     ``OMP_NUM_THREADS``; unset (a plain Python session) it is 1.
     """
     try:

@@ -153,6 +153,25 @@ SCAN_OUTPUTS = ("conformed", "conform_sidecar", "biasfield", "headmask", "level1
                 "brain_mask_info", "xfm", "xfm_info", "preproc", "preproc_mask", "qc_png", "qc_metrics")
 
 
+def _check_scan_outputs(out: Mapping[str, PathLike], caller: str) -> None:
+    missing = set(SCAN_OUTPUTS) - set(out)
+    if missing:
+        raise ValueError(f"{caller}: no output path for {sorted(missing)}")
+
+
+def _conform_errors_recorded(failure_records: PathLike | None, scan: str, in_t1w: PathLike,
+                             conform_settings: Mapping[str, Any] | None) -> Any:
+    """A context that records an unusable input under ``scan`` (as the conform rule does) when
+    ``failure_records`` is given; otherwise errors propagate unchanged."""
+    from contextlib import nullcontext
+
+    from .failures import recording_input_errors
+
+    if failure_records is None:
+        return nullcontext()
+    return recording_input_errors(failure_records, scan, in_t1w, step="conform", settings=conform_settings or {})
+
+
 def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
                           conform: Mapping[str, Any], n4: Mapping[str, Any], skullstrip_method: str = "deepbet",
                           grid: str = DEFAULT_GRID, order: int = 3, normalisation: Mapping[str, Any] | None = None,
@@ -170,19 +189,12 @@ def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan
     unusable input as the conform rule does, under the scan's key ``scan``. Returns the QC metrics.
     """
     import tempfile
-    from contextlib import nullcontext
 
     from .conform import conform_scan
-    from .failures import recording_input_errors
     from .preprocess import bias_correct_file, level1_file, level2_file
 
-    missing = set(SCAN_OUTPUTS) - set(out)
-    if missing:
-        raise ValueError(f"preprocess_scan_files: no output path for {sorted(missing)}")
-    recording = (recording_input_errors(failure_records, scan or scan_key, in_t1w, step="conform",
-                                        settings=conform_settings or {})
-                 if failure_records is not None else nullcontext())
-    with recording:
+    _check_scan_outputs(out, "preprocess_scan_files")
+    with _conform_errors_recorded(failure_records, scan or scan_key, in_t1w, conform_settings):
         conform_scan(in_t1w, out["conformed"], out["conform_sidecar"], **conform)
     # The job's temporary folder ($TMPDIR, node-local on most clusters; Snakemake sets it from resources.tmpdir).
     with tempfile.TemporaryDirectory(prefix="brainvae_preprocess_scan_") as tmp:
@@ -225,25 +237,17 @@ def template_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_k
     array the same way. An image whose field of view misses the template brain is caught by QC
     (``fov_coverage``, ``template_correlation``).
     """
-    from contextlib import nullcontext
-
     from scipy import ndimage
 
     from .bias import largest_component
     from .conform import conform_scan
-    from .failures import recording_input_errors
     from .registration import template_correlation, write_transform
     from .templates import mni152_brain
 
     if space not in TEMPLATE_SPACES:
         raise ValueError(f"template_scan_files: space {space!r} is not one of {TEMPLATE_SPACES}")
-    missing = set(SCAN_OUTPUTS) - set(out)
-    if missing:
-        raise ValueError(f"template_scan_files: no output path for {sorted(missing)}")
-    recording = (recording_input_errors(failure_records, scan or scan_key, in_t1w, step="conform",
-                                        settings=conform_settings or {})
-                 if failure_records is not None else nullcontext())
-    with recording:
+    _check_scan_outputs(out, "template_scan_files")
+    with _conform_errors_recorded(failure_records, scan or scan_key, in_t1w, conform_settings):
         conform_scan(in_t1w, out["conformed"], out["conform_sidecar"], **conform)
         image = _load(out["conformed"])
         data = np.asarray(image.dataobj, dtype=np.float32)

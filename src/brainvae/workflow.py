@@ -17,6 +17,7 @@ import pandas as pd
 
 from . import naming
 from .errors import ConfigError, InputError
+from .runtime import set_thread_count
 
 #: Snakemake wildcard constraint for ``{scan}``: ``sub-X[/ses-Y]/anat/<scan key>``.
 # Only the entities of a scan key (naming.SCAN_ENTITIES, in order): derivative entities such as
@@ -226,18 +227,6 @@ def job_logging(log_path: str | os.PathLike | None, threads: int = 1) -> Iterato
         logger.removeHandler(handler)
         logging.getLogger("py.warnings").removeHandler(handler)
         handler.close()
-
-
-def set_thread_count(threads: int) -> None:
-    """Make ITK, BLAS and torch use the job's ``threads`` (must run before their first use)."""
-    threads = max(1, int(threads))
-    for variable in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                     "MKL_NUM_THREADS"):
-        os.environ[variable] = str(threads)
-    if "SimpleITK" in sys.modules:
-        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
 
 
 #: ANTsPy subpackages the registration steps never use. Importing them pulls in matplotlib,

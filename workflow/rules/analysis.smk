@@ -7,59 +7,33 @@
 # is in analysis.splits (default [none]: scans the model never saw); baselines take the scans in the selection of
 # every model (brainvae.analysis.task_steps.select_scans).
 
-from math import prod
-
-from brainvae.analysis.names import MIN_PARTICIPANTS_PER_CLASS, classification_output_files, pca_output_files
-from brainvae.analysis.tasks import BASELINE_FEATURE_SETS, MODEL_FEATURE_SETS, plan_tasks, task_to_dict
+from brainvae.analysis.names import classification_output_files, pca_output_files
+from brainvae.analysis.plan import plan_analysis
 from brainvae.resample import GRIDS
 
 ANALYSIS = config["analysis"]
 ANALYSIS_DIR = f"{OUT}/analysis"
 TABLES_DIR = f"{OUT}/tables"
-# Checked when the DAG is built: a positive class or level no dataset has, a task column missing from the samples
-# table, too few participants (tasks with required: true) raise ConfigError naming the key; tasks with
-# required: false are left out with a note.
-TASK_PLAN = plan_tasks(ANALYSIS["tasks"], SAMPLES.loc[COHORT_SCANS], config["datasets"],
-                       external_datasets=ANALYSIS["external_datasets"])
+# Checked when the DAG is built (brainvae.analysis.plan): a positive class or level no dataset has, a task column
+# missing from the samples table, too few participants (tasks with required: true) raise ConfigError naming the
+# key; tasks with required: false are left out with a note.
+ANALYSIS_PLAN = plan_analysis(ANALYSIS, SAMPLES.loc[COHORT_SCANS], config["datasets"], GRIDS[GRID].shape)
 if workflow.is_main_process:
-    for note in TASK_PLAN.notes:
+    for note in ANALYSIS_PLAN.notes:
         print(f"brainvae: analysis: {note}", file=sys.stderr)
-TASKS = [task_to_dict(t) for t in TASK_PLAN.tasks]
-TASK_NAMES = [t["name"] for t in TASKS]
-MODEL_SETS = [f for f in ANALYSIS["feature_sets"] if f in MODEL_FEATURE_SETS]
-BASELINE_SETS = [f for f in ANALYSIS["feature_sets"] if f in BASELINE_FEATURE_SETS]
-# Keyword arguments of brainvae.analysis.task_steps.tasks_step.
-TASK_SETTINGS = dict(
-    estimators=ANALYSIS["estimators"],
-    alphas=ANALYSIS["ridge_alphas"],
-    n_splits=ANALYSIS["outer_folds"],
-    n_repeats=ANALYSIS["outer_repeats"],
-    n_inner=ANALYSIS["inner_folds"],
-    seed=ANALYSIS["seed"],
-    n_permutations=ANALYSIS["permutations"],
-    n_bootstrap=ANALYSIS["bootstrap"],
-    confidence=ANALYSIS["confidence"],
-    external_datasets=ANALYSIS["external_datasets"],
-    n_estimators=ANALYSIS["random_forest_trees"],
-    grids=ANALYSIS["grids"],
-    voxel_pca_components=ANALYSIS["voxel_pca_components"],
-)
+TASKS = ANALYSIS_PLAN.tasks
+TASK_NAMES = ANALYSIS_PLAN.task_names
+MODEL_SETS = ANALYSIS_PLAN.model_feature_sets
+BASELINE_SETS = ANALYSIS_PLAN.baseline_feature_sets
+TASK_SETTINGS = ANALYSIS_PLAN.task_settings
 TASK_RESULT_DIRS = [f"{ANALYSIS_DIR}/models/{m}/tasks" for m in (MODELS if MODEL_SETS else [])] + (
     [f"{ANALYSIS_DIR}/baselines/tasks"] if BASELINE_SETS else [])
-SITE_PARTICIPANTS = SAMPLES.loc[COHORT_SCANS].groupby("dataset")["subject"].nunique()
-SITES = sorted(SITE_PARTICIPANTS.index.astype(str))
-SITE_CHECK = ANALYSIS["site_check"] and len(SITES) >= 2 and SITE_PARTICIPANTS.min() >= MIN_PARTICIPANTS_PER_CLASS
-SITE_CHECK_SETTINGS = dict(
-    classifiers=ANALYSIS["site_check_classifiers"],
-    n_splits=ANALYSIS["outer_folds"],
-    n_repeats=ANALYSIS["outer_repeats"],
-    n_inner=ANALYSIS["inner_folds"],
-    seed=ANALYSIS["seed"],
-    n_estimators=ANALYSIS["random_forest_trees"],
-    param_grids=ANALYSIS["grids"],
-)
-# Memory of the voxel jobs: the scans x voxels float32 matrix, a training-set copy and the PCA's work.
-VOXEL_JOB_MB = 1000 + int(3 * 4 * len(COHORT_SCANS) * prod(GRIDS[GRID].shape) / ANALYSIS["voxel_downsample"] ** 3 / 1e6)
+SITES = ANALYSIS_PLAN.sites
+SITE_CHECK = ANALYSIS_PLAN.site_check
+SITE_CHECK_SETTINGS = ANALYSIS_PLAN.site_check_settings
+VOXEL_JOB_MB = ANALYSIS_PLAN.voxel_job_mb
+# The PCA figures are coloured by each task's column too.
+TASK_COLUMNS = ANALYSIS_PLAN.task_columns
 # Report captions of the site check's figures and tables, by kind (see brainvae.analysis.names).
 SITE_CHECK_CAPTIONS = {
     "table": "../report/site_check.rst",
@@ -68,8 +42,6 @@ SITE_CHECK_CAPTIONS = {
     "ROC curves": "../report/roc_curves.rst",
 }
 PCA_CAPTIONS = {"PC1 vs PC2": "../report/pca_{data}.rst", "explained variance": "../report/pca_explained_variance.rst"}
-# The PCA figures are coloured by each task's column too.
-TASK_COLUMNS = list(dict.fromkeys(t["source"] for t in TASKS))
 
 
 rule analysis_scans:

@@ -3,20 +3,11 @@
 # left out everywhere. Scans with automatic QC flags stay in the array but, with
 # cohort.exclude_flagged (default), are left out of the training splits.
 
-import math
-
-from brainvae.errors import ConfigError
 from brainvae.vae.cohort import cohort_samples
 from brainvae.vae.variants import cohort_split_labels, split_train_labels
 
-if not math.isclose(sum(config["cohort"]["split_fractions"]), 1.0):
-    raise ConfigError(f"config key cohort.split_fractions: must sum to 1, got {config['cohort']['split_fractions']}")
-
 COHORT = f"{OUT}/cohort"
 COHORT_SCANS = cohort_samples(SAMPLES, config["qc"]["exclude"])["scan"].tolist()
-if "train_labels" in config["training"]:
-    raise ConfigError("config key training.train_labels: set cohort.train_labels (every model) or "
-                      "models.<name>.train_labels (one model)")
 # Labels each model variant learns from. One frozen split covers them all, so a scan is in the same
 # split for every variant; each variant trains on its labels' part of it (rule train_vae).
 MODEL_TRAIN_LABELS = {

@@ -3,7 +3,6 @@
 # `training` section with `models[<name>]` on top; defaults come from brainvae.vae.config. Jobs ask for
 # resources gpu=1 only when the variant's device is `cuda`; `auto` uses a GPU if the node has one.
 
-from brainvae.vae.config import check_startup
 from brainvae.vae.variants import run_options, split_run_options, split_train_labels, uses_cuda, variant_settings
 
 MODELS = {
@@ -14,12 +13,8 @@ MODELS = {
 # options (device, threads, deterministic: where and how it runs).
 MODEL_CONFIG = {name: split_run_options(settings)[0] for name, settings in MODELS.items()}
 MODEL_RUN = {name: run_options(settings) for name, settings in MODELS.items()}
-# Settings that cannot run here (a perceptual term without local weights) stop the workflow before any job.
-for _name, _settings in MODEL_CONFIG.items():
-    try:
-        check_startup(_settings)
-    except ValueError as _err:
-        raise ValueError(f"models.{_name}: {_err}") from None
+# Settings that cannot run here (a perceptual term without local weights) were refused with the rest of the
+# configuration (brainvae.config.validate_config).
 
 
 wildcard_constraints:

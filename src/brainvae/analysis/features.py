@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from brainvae.analysis.errors import AnalysisError
+from brainvae.latents_table import read_latents
 
 __all__ = [
     "ID_COLUMNS",
@@ -84,7 +85,7 @@ def load_latents(path: str | os.PathLike[str], *, required: Sequence[str] = ("da
     path = Path(path)
     if not path.exists():
         raise AnalysisError(str(path), "latents file does not exist")
-    table = pd.read_parquet(path)
+    table, _ = read_latents(path)
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise AnalysisError(str(path), f"missing column(s): {', '.join(missing)}")

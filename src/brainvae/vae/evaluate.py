@@ -37,7 +37,8 @@ from brainvae.io import atomic_path, atomic_write_text
 
 from .cohort import read_index, read_splits
 from .diagnostics import latent_diagnostics, write_diagnostics
-from .nn import load_model, resolve_device
+from ..runtime import resolve_device
+from .nn import load_model
 
 __all__ = [
     "METRICS",

@@ -1,11 +1,8 @@
 """Encode every scan of a cohort array into a Parquet table of latent vectors.
 
-One row per scan: identifiers (dataset, participant, session, run, scan), label, split
-(``train``/``val``/``test``, or ``none`` for scans the VAE never saw, e.g. DS scans), age/sex
-when the index has them, ``mu_0..mu_{d-1}`` and ``logvar_0..`` (float32), and the reconstruction
-MSE and SSIM inside the brain mask. The schema is explicit (:func:`latent_schema`) so an empty
-session column is still a string column, not a null-typed one, and downstream readers (R arrow,
-polars, DuckDB) see the same types for every cohort.
+The table's format (columns, types, reader) is :mod:`brainvae.latents_table`: one row per scan,
+identifiers, label, split (``none`` for scans the VAE never saw, e.g. DS scans), age/sex when the
+index has them, ``mu_*``/``logvar_*`` and the reconstruction MSE and SSIM inside the brain mask.
 
 Encoding uses ``mu`` in eval mode (no sampling), so it is deterministic: the same model and
 array give identical latents on every run. Parquet key-value metadata records which model made
@@ -32,36 +29,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import brainvae
-from brainvae.io import atomic_path, sha256_file
+from brainvae.io import sha256_file
+from brainvae.latents_table import COVARIATE_TYPES, NOT_IN_SPLIT, latent_schema, read_latents, write_latents
 
+from ..runtime import resolve_device
 from .cohort import read_index, read_splits
-from .evaluate import metrics_for_rows
 from .config import config_sha256
-from .nn import load_model, resolve_device
+from .evaluate import metrics_for_rows
+from .nn import load_model
 
 __all__ = ["encode_rows", "export_latents", "latent_schema", "read_latents", "NOT_IN_SPLIT"]
-
-NOT_IN_SPLIT = "none"
-
-#: Optional covariates copied from the index when present, with their Arrow types.
-COVARIATE_TYPES: dict[str, pa.DataType] = {"age": pa.float64(), "sex": pa.string()}
-
-
-def latent_schema(latent_dim: int, covariates: Sequence[str] = (),
-                  metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """The Arrow schema of a latents table."""
-    fields = [pa.field(name, pa.string(), nullable=nullable) for name, nullable in
-              [("dataset", False), ("participant", False), ("session", True), ("run", True),
-               ("scan", False), ("label", False), ("split", False)]]
-    fields += [pa.field(c, COVARIATE_TYPES[c]) for c in covariates]
-    fields += [pa.field(f"mu_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
-    fields += [pa.field(f"logvar_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
-    fields += [pa.field("mse_mask", pa.float64()), pa.field("ssim_mask", pa.float64())]
-    return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
 
 
 def encode_rows(model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], *,
@@ -157,15 +137,4 @@ def export_latents(
         columns[f"logvar_{i}"] = logvar[:, i]
     columns["mse_mask"] = mse
     columns["ssim_mask"] = ssim
-    table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
-    with atomic_path(out_path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
-    return table
-
-
-def read_latents(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The latents table as a DataFrame and its ``brainvae.*`` metadata."""
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()
-            if k.startswith(b"brainvae.")}
-    return table.to_pandas(), meta
+    return write_latents(columns, schema, out_path)

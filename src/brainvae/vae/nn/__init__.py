@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...runtime import resolve_device  # noqa: F401  (kept importable from here)
 from .dense import VAE, VAEConfig, count_parameters
 from .spatial import SpatialConfig, SpatialVAE
 
@@ -52,16 +53,3 @@ def load_model(model_dir: str | os.PathLike[str], device: str | torch.device = "
     state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: CUDA if available, else CPU. An unavailable CUDA request falls back to CPU."""
-    import logging
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning("CUDA requested but not available; running on CPU")
-        dev = torch.device("cpu")
-    return dev

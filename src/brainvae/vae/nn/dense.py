@@ -29,28 +29,30 @@ backward of trilinear upsampling is non-deterministic and would fail under
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..config import widths_for_grid
+from .architecture import ArchitectureConfig
+from .losses import RECON_LOSSES, kl_divergence, vae_loss  # noqa: F401  (re-exported: older imports)
 
 __all__ = ["VAE", "VAEConfig", "build_model", "check_input_shape", "count_parameters", "kl_divergence", "vae_loss",
            "to_channels_last_3d", "widths_for_grid"]
 
 NORMS = ("group", "batch", "instance", "none")
 ACTIVATIONS = ("silu", "relu", "leaky_relu", "gelu")
-RECON_LOSSES = ("mse", "l1")
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ArchitectureConfig):
     """Architecture of :class:`VAE`. ``in_shape`` is the volume shape (X, Y, Z) without channels."""
+
+    architecture: ClassVar[str] = "dense"
 
     in_shape: tuple[int, int, int] = (40, 48, 40)
     latent_dim: int = 64
@@ -90,19 +92,6 @@ class VAEConfig:
     def bottleneck_shape(self) -> tuple[int, int, int]:
         factor = 2 ** self.levels
         return tuple(s // factor for s in self.in_shape)  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"architecture": "dense",
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k != "architecture"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**dict(data))
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -229,42 +218,6 @@ class VAE(nn.Module):
 def to_channels_last_3d(model: nn.Module) -> nn.Module:
     """Convert conv weights to channels_last_3d (NDHWC): faster cuDNN kernels on recent GPUs."""
     return model.to(memory_format=torch.channels_last_3d)
-
-
-def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) per sample, summed over latent dimensions (nats). Shape (B,).
-
-    Works for dense ``(B, d)`` and spatial ``(B, C, x, y, z)`` latents alike.
-    """
-    mu, logvar = mu.float().flatten(1), logvar.float().flatten(1)
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
-
-
-def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, beta: float,
-             kind: str = "mse", mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, recon, kl), each averaged over the batch.
-
-    ``recon`` is the mean voxel error (inside ``mask`` if given), ``kl`` the per-volume KL in nats.
-    ``total = recon + beta * kl / n_voxels``: dividing the KL by the number of scored voxels makes
-    ``beta = 1`` the usual ELBO weighting of a summed reconstruction error (up to a constant
-    factor), independent of grid size, while keeping the loss O(1) for the optimiser.
-    """
-    if kind not in RECON_LOSSES:
-        raise ValueError(f"recon loss must be one of {RECON_LOSSES}, got {kind!r}")
-    diff = recon.float() - x.float()
-    err = diff.pow(2) if kind == "mse" else diff.abs()
-    dims = tuple(range(1, err.ndim))
-    if mask is None:
-        n_vox = torch.full((err.shape[0],), float(math.prod(err.shape[1:])), device=err.device)
-        per_vol = err.sum(dim=dims)
-    else:
-        m = mask.to(err.dtype)
-        n_vox = m.sum(dim=dims).clamp_min(1.0)
-        per_vol = (err * m).sum(dim=dims)
-    recon_term = per_vol / n_vox
-    kl = kl_divergence(mu, logvar)
-    total = recon_term + beta * kl / n_vox
-    return total.mean(), recon_term.mean(), kl.mean()
 
 
 def build_model(config: VAEConfig | Mapping[str, Any]) -> VAE:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PerceptualLoss", "build_discriminator", "generator_adversarial_loss", "discriminator_loss",
-           "kl_per_dimension", "loss_terms", "reconstruction_error"]
+           "kl_divergence", "kl_per_dimension", "loss_terms", "reconstruction_error",
+           "vae_loss"]
 
 RECON_LOSSES = ("mse", "l1")
 
@@ -61,6 +62,24 @@ def loss_terms(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, beta: fl
     else:
         total = (rec + beta * kl / n_vox).mean()
     return {"total": total, "recon": rec.mean(), "kl": kl.mean()}
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(q(z|x) || N(0, I)) per sample, summed over latent dimensions (nats). Shape (B,).
+
+    Works for dense ``(B, d)`` and spatial ``(B, C, x, y, z)`` latents alike.
+    """
+    return kl_per_dimension(mu, logvar).sum(dim=1)
+
+
+def vae_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, beta: float,
+             kind: str = "mse", mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, recon, kl), each averaged over the batch: :func:`loss_terms` without free bits, as a tuple.
+
+    ``recon`` is the mean voxel error (inside ``mask`` if given), ``kl`` the per-volume KL in nats.
+    """
+    terms = loss_terms(recon, x, mu, logvar, beta=beta, kind=kind, mask=mask)
+    return terms["total"], terms["recon"], terms["kl"]
 
 
 def build_discriminator(channels: int = 8, layers: int = 2) -> nn.Module:

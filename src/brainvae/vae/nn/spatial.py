@@ -19,21 +19,23 @@ backward of interpolation is non-deterministic.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from .architecture import ArchitectureConfig
 
 __all__ = ["SpatialConfig", "SpatialVAE", "fold", "unfold"]
 
 
 @dataclass(frozen=True)
-class SpatialConfig:
+class SpatialConfig(ArchitectureConfig):
     """Architecture of :class:`SpatialVAE` (the resolved ``spatial`` section of the config)."""
+
+    architecture: ClassVar[str] = "spatial"
 
     in_shape: tuple[int, int, int] = (40, 48, 40)
     downsample: int = 4
@@ -62,19 +64,6 @@ class SpatialConfig:
     @property
     def latent_dim(self) -> int:
         return math.prod(self.latent_shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"architecture": "spatial",
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SpatialConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k != "architecture"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown spatial model config keys: {sorted(unknown)}")
-        return cls(**dict(data))
 
 
 def fold(x: Tensor, p: int) -> Tensor:

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,11 +33,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from brainvae.io import atomic_path, atomic_write_json, atomic_write_text
+from brainvae.runtime import seed_everything
 
 from ..cohort import read_index, read_splits
 from ..config import config_sha256, resolve_config
 from ..data import CohortDataset, seed_worker
-from ..nn import build_model, count_parameters, resolve_device
+from ...runtime import resolve_device
+from ..nn import build_model, count_parameters
 from ..nn.dense import to_channels_last_3d
 from ..nn.losses import (PerceptualLoss, build_discriminator, discriminator_loss, generator_adversarial_loss,
                          loss_terms)
@@ -51,12 +52,6 @@ from .outputs import LOG_COLUMNS, environment_report, plot_curves, write_log
 __all__ = ["Trainer", "train_vae"]
 
 log = logging.getLogger(__name__)
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _set_deterministic(deterministic: bool, device: torch.device) -> None:
@@ -308,7 +303,7 @@ def _train(config: Mapping[str, Any] | None, array_path: str | os.PathLike[str],
         "config": cfg, "array_shape": [len(index_df), *train_ds.volume_shape],
         "train": [scans[r] for r in train_rows], "val": [scans[r] for r in val_rows]})
 
-    _set_seed(seed)
+    seed_everything(seed)
     steps_per_epoch = math.ceil(len(train_rows) / int(cfg["batch_size"]))
     trainer = Trainer(cfg, dev, steps_per_epoch=steps_per_epoch,
                       mean_image=_mean_volume(array_path, train_rows) if cfg["center"] else None)
