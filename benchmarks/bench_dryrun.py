@@ -1,6 +1,6 @@
 """Time planning the whole workflow on a large cohort, and a no-op rerun of a finished run.
 
-    .venv/bin/python benchmarks/bench_dryrun.py --subjects 5000          # plan: goal <= 30 s
+    .venv/bin/python benchmarks/bench_dryrun.py --subjects 5000 --layout auto   # plan, default: goal <= 30 s
     .venv/bin/python benchmarks/bench_dryrun.py --subjects 0 --noop .     # no-op rerun of the demo: goal <= 10 s
 
 Planning: builds a synthetic BIDS tree of ``--subjects`` subjects with empty T1w files (the tree of
@@ -73,7 +73,10 @@ def planned_job_count(output: str) -> int:
     raise SystemExit(f"no job-stats table in the dry run's output:\n{output[-2000:]}")
 
 
-LAYOUTS = {"step": "one job per step (preprocess.one_job_per_scan: false)", "scan": "preprocess.one_job_per_scan: true"}
+LAYOUTS = {"auto": "the default (preprocess.one_job_per_scan: auto)",
+           "step": "one job per step (preprocess.one_job_per_scan: false)", "scan": "preprocess.one_job_per_scan: true"}
+#: preprocess.one_job_per_scan of each layout.
+ONE_JOB_PER_SCAN = {"auto": "auto", "step": False, "scan": True}
 
 
 def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], profile: str) -> None:
@@ -89,7 +92,7 @@ def bench_plan(n_subjects: int, repeats: int, cores: int, layouts: list[str], pr
         config["datasets"] = [{"name": "bench", "bids_dir": str(root), "role": "both", "label_column": "group",
                                "labels": ["euploid", "DS"], "covariates": ["age"]}]
         for layout in layouts:
-            config["preprocess"]["one_job_per_scan"] = layout == "scan"
+            config["preprocess"]["one_job_per_scan"] = ONE_JOB_PER_SCAN[layout]
             configfile = Path(tmp) / f"config_{layout}.yaml"
             configfile.write_text(yaml.safe_dump(config))
             walls, cpus = [], []
@@ -137,8 +140,8 @@ def bench_noop(workdir: Path, configfiles: list[Path], repeats: int, cores: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=5000, help="synthetic subjects to plan (0: skip)")
-    parser.add_argument("--layout", nargs="+", choices=sorted(LAYOUTS), default=["step", "scan"],
-                        help="preprocessing job layouts to plan: step (seven jobs per scan), scan (one job per scan)")
+    parser.add_argument("--layout", nargs="+", choices=sorted(LAYOUTS), default=["auto", "step", "scan"],
+                        help="preprocessing job layouts to plan: auto (the default), step (seven jobs per scan), scan (one job per scan)")
     parser.add_argument("--profile", choices=["default", "slurm"], default="default",
                         help="workflow profile to plan with: default (workstation) or slurm (grouped jobs)")
     parser.add_argument("--repeats", type=int, default=3)

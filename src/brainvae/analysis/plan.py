@@ -49,38 +49,23 @@ def plan_analysis(analysis: Mapping[str, Any], samples: pd.DataFrame, datasets: 
     sites = sorted(participants.index.astype(str))
     # The scans x voxels float32 matrix, a training-set copy and the PCA's work.
     voxels = len(samples) * prod(int(s) for s in grid_shape) / analysis["voxel_downsample"] ** 3
+    # Cross-validation settings the task and site-check steps share.
+    cv = dict(n_splits=analysis["outer_folds"], n_repeats=analysis["outer_repeats"], n_inner=analysis["inner_folds"],
+              seed=analysis["seed"], n_estimators=analysis["random_forest_trees"])
     return AnalysisPlan(
         tasks=tasks,
         notes=list(task_plan.notes),
         model_feature_sets=[f for f in analysis["feature_sets"] if f in MODEL_FEATURE_SETS],
         baseline_feature_sets=[f for f in analysis["feature_sets"] if f in BASELINE_FEATURE_SETS],
         task_settings=dict(
-            estimators=analysis["estimators"],
-            alphas=analysis["ridge_alphas"],
-            n_splits=analysis["outer_folds"],
-            n_repeats=analysis["outer_repeats"],
-            n_inner=analysis["inner_folds"],
-            seed=analysis["seed"],
-            n_permutations=analysis["permutations"],
-            n_bootstrap=analysis["bootstrap"],
-            confidence=analysis["confidence"],
-            external_datasets=analysis["external_datasets"],
-            n_estimators=analysis["random_forest_trees"],
-            grids=analysis["grids"],
-            voxel_pca_components=analysis["voxel_pca_components"],
-        ),
+            cv, estimators=analysis["estimators"], alphas=analysis["ridge_alphas"],
+            n_permutations=analysis["permutations"], n_bootstrap=analysis["bootstrap"],
+            confidence=analysis["confidence"], external_datasets=analysis["external_datasets"],
+            grids=analysis["grids"], voxel_pca_components=analysis["voxel_pca_components"]),
         sites=sites,
         site_check=bool(analysis["site_check"] and len(sites) >= 2
                         and participants.min() >= MIN_PARTICIPANTS_PER_CLASS),
-        site_check_settings=dict(
-            classifiers=analysis["site_check_classifiers"],
-            n_splits=analysis["outer_folds"],
-            n_repeats=analysis["outer_repeats"],
-            n_inner=analysis["inner_folds"],
-            seed=analysis["seed"],
-            n_estimators=analysis["random_forest_trees"],
-            param_grids=analysis["grids"],
-        ),
+        site_check_settings=dict(cv, classifiers=analysis["site_check_classifiers"], param_grids=analysis["grids"]),
         voxel_job_mb=1000 + int(3 * 4 * voxels / 1e6),
         task_columns=list(dict.fromkeys(t["source"] for t in tasks)),
     )
