@@ -133,10 +133,17 @@ def build_pipeline(
         grid = {"n_neighbors": ks, "weights": ["uniform", "distance"]}
     else:
         raise AnalysisError("classifier", f"unknown classifier {classifier!r}; choose from {', '.join(CLASSIFIERS)}")
+    return finish_pipeline(steps, "clf", clf, grid, param_grid)
+
+
+def finish_pipeline(steps: list, name: str, estimator: Any, grid: Mapping[str, Sequence[Any]],
+                    param_grid: Mapping[str, Sequence[Any]] | None) -> tuple[Pipeline, dict[str, list[Any]]]:
+    """``steps`` + ``(name, estimator)`` as a Pipeline, and its inner-CV grid: ``param_grid`` (the user's) if
+    given, else ``grid`` (the built-in one), with keys prefixed for the pipeline step."""
     if param_grid is not None:
-        grid = {k: list(v) for k, v in param_grid.items()}
-    steps.append(("clf", clf))
-    return Pipeline(steps), {f"clf__{k}": v for k, v in grid.items()}
+        grid = param_grid
+    steps.append((name, estimator))
+    return Pipeline(steps), {f"{name}__{k}": list(v) for k, v in grid.items()}
 
 
 # --------------------------------------------------------------------------------------------------

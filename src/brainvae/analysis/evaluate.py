@@ -32,7 +32,7 @@ from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
 from brainvae.analysis import ridge as ridge_model
-from brainvae.analysis.classify import _best_auc_plus_balanced_accuracy, _scores, build_pipeline
+from brainvae.analysis.classify import _best_auc_plus_balanced_accuracy, _scores, build_pipeline, finish_pipeline
 from brainvae.analysis.cv import OuterFold, check_labels, inner_splits, make_outer_folds, participant_groups, \
     permutation_matrix
 from brainvae.analysis.errors import AnalysisError
@@ -129,10 +129,7 @@ def build_regressor(estimator: str, *, pca_components: int | None, min_train_siz
         grid = {"n_neighbors": [k for k in (3, 5, 9) if k <= min_train_size] or [1], "weights": ["uniform", "distance"]}
     else:
         raise AnalysisError("regressor", f"unknown regressor {estimator!r}")
-    if param_grid is not None:
-        grid = {k: list(v) for k, v in param_grid.items()}
-    steps.append(("reg", reg))
-    return Pipeline(steps), {f"reg__{k}": v for k, v in grid.items()}
+    return finish_pipeline(steps, "reg", reg, grid, param_grid)
 
 
 def _sklearn_fit_predict(data: TaskData, X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray,
