@@ -431,8 +431,11 @@ def test_tasks_table_with_baselines_permutations_and_external_rows(pipeline):
     ridge = cv[cv["classifier"] == "ridge"]
     assert ridge["n_perm"].eq(TINY_ANALYSIS["permutations"]).all()
     assert ridge["p_perm"].between(1 / (TINY_ANALYSIS["permutations"] + 1), 1).all()
-    # The external site: fitted on the analysis datasets, applied unchanged.
+    # The external site: fitted on the analysis datasets, applied unchanged; its rows also in external.tsv.
     assert "ABCDS" in set(ds["evaluated_on"])
+    external = _tsv(results / "tables" / "external.tsv")
+    assert list(external.columns) == list(table.columns) and set(external["evaluated_on"]) == {"ABCDS"}
+    assert len(external) == (table["evaluated_on"] == "ABCDS").sum()
     age = scored[scored["task"] == "brain_age"]
     if len(age):  # enough participants for a regression (else a note says why it is left out)
         assert set(age["metric"]) == {"mae"} and "age" not in set(age["feature_set"])

@@ -261,6 +261,8 @@ rule analysis_tasks_table:
         predictions=[f"{d}/predictions.tsv" for d in TASK_RESULT_DIRS],
     output:
         tsv=f"{TABLES_DIR}/classification.tsv",
+        # The external-validation rows alone (evaluated_on: an external dataset), same columns.
+        external=f"{TABLES_DIR}/external.tsv",
         md=f"{TABLES_DIR}/classification.md",
         html=report(f"{TABLES_DIR}/classification.html", caption="../report/table_classification.rst",
                     category="Tables", labels={"table": "prediction tasks: every model, feature set and estimator"}),

@@ -232,13 +232,12 @@ def tasks_tables(
     figures: Mapping[str, str | os.PathLike[str]],
     task_tables: Mapping[str, str | os.PathLike[str]],
 ) -> dict[str, Path]:
-    """The tasks table of every model and baseline (``classification.{tsv,md,html}`` in ``tables_dir``),
-    and per task an HTML table (``task_tables[task]``) and one figure (``figures[task]``): ROC curves
+    """The tasks table of every model and baseline (``classification.{tsv,md,html}`` in ``tables_dir``), its
+    external-validation rows alone (``external.tsv``: the same columns, fitted on the analysis datasets and
+    applied unchanged to each external dataset named in ``evaluated_on``), and per task an HTML table (``task_tables[task]``) and one figure (``figures[task]``): ROC curves
     (binary) or predicted against true values (ordinal, multiclass, regression), cross-validated
     predictions of the first estimator, one curve or panel per feature set."""
-    from brainvae.analysis.plots import plot_task_figure
-
-    from brainvae.analysis.plots import plot_message
+    from brainvae.analysis.plots import plot_message, plot_task_figure
 
     out = Path(tables_dir)
     every = pd.concat([_read(p) for p in result_files], ignore_index=True)
@@ -251,6 +250,8 @@ def tasks_tables(
     if len(notes):
         caption += " Left out: " + "; ".join(sorted({f"{r.task} ({r.note})" for r in notes.itertuples()})) + "."
     paths = {"tsv": write_tsv(table, out / "classification.tsv"),
+             "external": write_tsv(table[table["evaluated_on"].astype(str) != "cv"].reset_index(drop=True),
+                                   out / "external.tsv"),
              "md": atomic_write_text(f"{caption}\n\n{to_markdown(shown)}", out / "classification.md"),
              "html": atomic_write_text(to_html(shown, title="Prediction tasks", caption=caption),
                                        out / "classification.html")}
