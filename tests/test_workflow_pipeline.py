@@ -460,3 +460,6 @@ def test_report_holds_qc_and_the_analysis(pipeline, tmp_path):
     samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert "qc.tsv" in html
     assert all(f"{Path(scan).name}_desc-qc_T1w.png" in html for scan in samples["scan"])
+    # Per model: reconstructions, the metrics with the PCA and mean-image rows, and the latent diagnostics.
+    for figure in ("reconstructions", "reconstruction metrics", "latent diagnostics", "KL per latent dimension"):
+        assert figure in html, figure

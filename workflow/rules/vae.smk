@@ -97,8 +97,20 @@ rule evaluate_vae:
             labels={"model": "{model}", "figure": "samples from the prior"},
         ),
         # Active latent units, KL per dimension, posterior-collapse flag (brainvae.vae.diagnostics).
-        diagnostics=f"{OUT}/models/{{model}}/evaluation/diagnostics.json",
-        kl_per_dimension=f"{OUT}/models/{{model}}/evaluation/kl_per_dimension.tsv",
+        diagnostics=report(
+            f"{OUT}/models/{{model}}/evaluation/diagnostics.json",
+            caption="../report/latent_diagnostics.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "latent diagnostics"},
+        ),
+        kl_per_dimension=report(
+            f"{OUT}/models/{{model}}/evaluation/kl_per_dimension.tsv",
+            caption="../report/kl_per_dimension.rst",
+            category="VAE",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "KL per latent dimension"},
+        ),
     log:
         f"{LOGS}/evaluate_vae/{{model}}.log",
     benchmark:
