@@ -121,6 +121,17 @@ class Site:
     space: str = NATIVE
 
 
+def _scanner_sidecar(manufacturer: str, model: str, sequence: str, *, tr: float, te: float, flip: int,
+                     ti: float | None = None) -> tuple[tuple[str, Any], ...]:
+    """The BIDS sidecar fields of a 3T 3D T1w acquisition (times in seconds, flip angle in degrees)."""
+    fields: list[tuple[str, Any]] = [("Manufacturer", manufacturer), ("ManufacturersModelName", model),
+                                     ("MagneticFieldStrength", 3), ("MRAcquisitionType", "3D"),
+                                     ("ScanningSequence", sequence), ("RepetitionTime", tr), ("EchoTime", te)]
+    if ti is not None:
+        fields.append(("InversionTime", ti))
+    return (*fields, ("FlipAngle", flip))
+
+
 #: Sites named after the datasets of Malé et al. IXI: Philips 3T sagittal SPGR, 0.94x0.94x1.2 mm,
 #: stored PSR like the real IXI NIfTIs. HCP: Siemens 3T MPRAGE as the HCP release ships it, already
 #: registered and skull-stripped (template space). SantPau: the DS and euploid analysis cohort (Sant Pau
@@ -130,32 +141,24 @@ SITES: dict[str, Site] = {
     "IXI": Site(
         name="IXI", prefix="ixi", axcodes=("P", "S", "R"), zooms=(0.9375, 0.9375, 1.2), shape=(256, 256, 150),
         contrast=(0.28, 0.70, 1.0, 1.25), wm_counts=650.0, noise=0.035, bias_log_sd=0.10, euploid_age=(20, 86),
-        sidecar=(("Manufacturer", "Philips"), ("ManufacturersModelName", "Intera"), ("MagneticFieldStrength", 3),
-                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR"), ("RepetitionTime", 0.0096),
-                 ("EchoTime", 0.0046), ("FlipAngle", 8)),
+        sidecar=_scanner_sidecar("Philips", "Intera", "GR", tr=0.0096, te=0.0046, flip=8),
     ),
     "HCP": Site(
         name="HCP", prefix="hcp", axcodes=("L", "A", "S"), zooms=(1.0, 1.0, 1.0), shape=(176, 240, 224),
         contrast=(0.16, 0.60, 1.0, 1.05), wm_counts=1200.0, noise=0.022, bias_log_sd=0.18, euploid_age=(22, 37),
-        sidecar=(("Manufacturer", "Siemens"), ("ManufacturersModelName", "Skyra"), ("MagneticFieldStrength", 3),
-                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR\\IR"), ("RepetitionTime", 2.4),
-                 ("EchoTime", 0.00214), ("InversionTime", 1.0), ("FlipAngle", 8)),
+        sidecar=_scanner_sidecar("Siemens", "Skyra", "GR\\IR", tr=2.4, te=0.00214, flip=8, ti=1.0),
         space=TEMPLATE_SPACE,
     ),
     "SantPau": Site(
         name="SantPau", prefix="sp", axcodes=("R", "A", "S"), zooms=(1.0, 1.0, 1.0), shape=(176, 240, 256),
         contrast=(0.20, 0.66, 1.0, 1.15), wm_counts=900.0, noise=0.025, bias_log_sd=0.12, euploid_age=(25, 65),
-        sidecar=(("Manufacturer", "Philips"), ("ManufacturersModelName", "Achieva"), ("MagneticFieldStrength", 3),
-                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR"), ("RepetitionTime", 0.0081),
-                 ("EchoTime", 0.0037), ("FlipAngle", 8)),
+        sidecar=_scanner_sidecar("Philips", "Achieva", "GR", tr=0.0081, te=0.0037, flip=8),
         ds_age=(25, 65), space=TEMPLATE_SPACE,
     ),
     "ABCDS": Site(
         name="ABCDS", prefix="abc", axcodes=("R", "A", "S"), zooms=(1.0, 1.0, 1.2), shape=(192, 256, 150),
         contrast=(0.22, 0.64, 1.0, 1.2), wm_counts=1000.0, noise=0.03, bias_log_sd=0.12, euploid_age=(25, 65),
-        sidecar=(("Manufacturer", "GE"), ("ManufacturersModelName", "Discovery MR750"), ("MagneticFieldStrength", 3),
-                 ("MRAcquisitionType", "3D"), ("ScanningSequence", "GR\\IR"), ("RepetitionTime", 0.0073),
-                 ("EchoTime", 0.003), ("InversionTime", 0.4), ("FlipAngle", 11)),
+        sidecar=_scanner_sidecar("GE", "Discovery MR750", "GR\\IR", tr=0.0073, te=0.003, flip=11, ti=0.4),
         ds_age=(25, 65),
     ),
 }

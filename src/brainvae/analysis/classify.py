@@ -551,19 +551,15 @@ def site_check(
     *,
     site_col: str = "dataset",
     classifiers: Sequence[str] = ("logreg",),
-    n_splits: int = 5,
-    n_repeats: int = 5,
-    n_inner: int = 3,
-    seed: int = 0,
     n_permutations: int = 0,
-    n_jobs: int = 1,
-    **kwargs: Any,
+    **settings: Any,
 ) -> ClassificationResult:
     """How well features predict the site: nested CV with the site as label (two or more sites).
 
     Chance is 1/K for balanced accuracy and 0.5 for AUC (one-vs-rest macro when K > 2). A high
     score means the representation encodes scanner/site, which can masquerade as a DS effect
-    when the groups are unevenly spread over sites. Folds are stratified by site.
+    when the groups are unevenly spread over sites. Folds are stratified by site. ``settings``: the
+    other keywords of :func:`run_classification` (folds, repeats, seed, jobs), with its defaults.
     """
     if site_col not in meta.columns:
         raise AnalysisError("site check", f"column '{site_col}' not in the table")
@@ -571,7 +567,6 @@ def site_check(
         only = meta[site_col].astype(str).iloc[0] if len(meta) else "(none)"
         raise AnalysisError(f"dataset {only}", "site check needs at least two sites/datasets")
     return run_classification(
-        meta, feature_sets, label=site_col, positive=None, classifiers=classifiers, n_splits=n_splits,
-        n_repeats=n_repeats, n_inner=n_inner, seed=seed, n_permutations=n_permutations,
-        permutation_metric="balanced_accuracy", n_jobs=n_jobs, **kwargs,
+        meta, feature_sets, label=site_col, positive=None, classifiers=classifiers,
+        n_permutations=n_permutations, permutation_metric="balanced_accuracy", **settings,
     )
