@@ -256,3 +256,40 @@ def test_slurm_outputs_match_a_local_run(runs):
         assert json.loads((local / path).read_text()) == json.loads((slurm / path).read_text()), path
     pd.testing.assert_frame_equal(pd.read_csv(local / "qc" / "qc.tsv", sep="\t"),
                                   pd.read_csv(slurm / "qc" / "qc.tsv", sep="\t"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_job_asks_slurm_for_its_gpus_and_stops_clearly_on_a_node_without_them(runs):
+    """A model set to train on 2 GPUs: the sbatch call asks for them (and CPUs and memory per GPU), the controller
+    grants them (the local node has 2 fake GPUs, start-local-slurm.sh), and the job, whose node has no real GPU,
+    stops at once with a message that says so, before reading its inputs."""
+    workdir = runs["slurm"]
+    config = yaml.safe_load(tiny_config(workdir / "gpu_config.yaml").read_text())
+    config["training"].update({"device": "cuda", "gpus": 2, "threads": 1})
+    model = next(iter(config["models"]))
+    configfile = workdir / "gpu_config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    cohort = workdir / "results" / "cohort"
+    cohort.mkdir(parents=True, exist_ok=True)
+    for name in ("cohort.npy", "cohort_mask.npy", "cohort_index.tsv", "splits.tsv"):  # never read: the job
+        (cohort / name).write_text("not read\n")                                      # stops before
+    target = f"results/models/{model}/model.pt"
+    # The profile sends training to its GPU partition (EDIT_ME_gpu_partition): here, the local one.
+    run = subprocess.run(snakemake_command(workdir, configfile, *slurm_overrides(), "--allowed-rules", "train_vae",
+                                           "--set-resources", f"train_vae:slurm_partition={PARTITION}",
+                                           "--verbose", target),
+                         capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-4000:]
+    calls = [line for line in log.splitlines() if line.startswith("sbatch call: sbatch")]
+    assert len(calls) == 1, log[-4000:]
+    call = calls[0]
+    assert "--gpus=2" in call and "--cpus-per-gpu=1" in call and "--mem 16000" in call and "--nodes=1" in call, call
+    assert "--ntasks-per-gpu" not in call  # one task: it starts the processes (torchrun) itself
+    jobid = next(iter(submissions(log)))
+    alloc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", jobid, "-o", "AllocTRES,State"], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    assert "gres/gpu=2" in alloc, alloc
+    rule_log = (workdir / "results" / "logs" / "train_vae" / f"{model}.log").read_text()
+    assert "no usable CUDA GPU" in rule_log and "Run on a GPU node" in rule_log, rule_log[-3000:]

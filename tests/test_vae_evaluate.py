@@ -107,3 +107,71 @@ def test_evaluate_vae_writes_tables_and_figures(tmp_path: Path) -> None:
     assert diagnostics["latent_dim"] == 4 and set(diagnostics) >= {"active_units", "kl_per_dim_mean", "posterior_collapse"}
     for name in ("reconstructions.png", "prior_samples.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _cohort_memmaps(tmp_path: Path, n: int, shape: tuple[int, int, int], seed: int):
+    """A small cohort written as float32 / uint8 ``.npy`` files and opened read-only memory-mapped."""
+    vols, masks = synthetic_brains(n, shape, seed=seed)
+    np.save(tmp_path / "cohort.npy", vols)
+    np.save(tmp_path / "cohort_mask.npy", masks)
+    return (vols, masks, np.load(tmp_path / "cohort.npy", mmap_mode="r"),
+            np.load(tmp_path / "cohort_mask.npy", mmap_mode="r"))
+
+
+def test_streamed_pca_baseline_matches_sklearn_pca_on_stacked_data(tmp_path: Path) -> None:
+    from sklearn.decomposition import PCA
+
+    vols, masks, mm, mm_masks = _cohort_memmaps(tmp_path, 30, (16, 20, 16), seed=5)
+    train, test = list(range(0, 30, 2)) + [1, 3, 5], [7, 9, 11, 13, 29]
+    data_range = float(vols.max() - vols.min())
+    for k in (4, len(train) - 1):
+        pca = PCABaseline(n_components=k).fit(mm, mm_masks, train, block_rows=3)
+        support = masks[train].any(axis=0)
+        np.testing.assert_array_equal(pca.support, support)
+        ref = PCA(n_components=k, svd_solver="full").fit(np.stack([vols[r][support] for r in train]))
+        np.testing.assert_allclose(pca.explained_variance_, ref.explained_variance_, rtol=1e-4)
+        for r in test:
+            expected = np.zeros(support.shape, dtype=np.float32)
+            expected[support] = ref.inverse_transform(ref.transform(vols[r][support][None]))[0]
+            np.testing.assert_allclose(pca.reconstruct(mm[r]), expected, atol=1e-4 * data_range)
+    # k = n_train: the n-th axis of centred data carries no variance and is left out of the projection.
+    full = PCABaseline(n_components=64).fit(mm, mm_masks, train)
+    assert full.n_components == len(train) and full.rank == len(train) - 1
+    np.testing.assert_allclose(full.reconstruct(mm[train[2]]), vols[train[2]], atol=1e-4 * data_range)
+
+
+def test_pca_baseline_fits_a_memmap_in_blocks(tmp_path: Path) -> None:
+    import tracemalloc
+
+    n, shape = 80, (24, 24, 24)
+    vols, masks, mm, mm_masks = _cohort_memmaps(tmp_path, n, shape, seed=6)
+    rows = [r for r in range(n) if r % 5]  # a row list, not a copy of the rows
+    tracemalloc.start()
+    blocked = PCABaseline(n_components=3).fit(mm, mm_masks, rows, block_rows=2)
+    _, peak_blocked = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    whole = PCABaseline(n_components=3).fit(mm, mm_masks, rows, block_rows=len(rows))
+    _, peak_whole = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stacked = len(rows) * int(blocked.support.sum()) * 8  # the in-support training data, float64
+    # One block of 2 rows holds a small part of the data; one block of every row holds all of it, once.
+    assert peak_blocked < 0.25 * stacked and stacked < peak_whole < 1.5 * stacked
+    np.testing.assert_allclose(blocked.explained_variance_, whole.explained_variance_, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(blocked.components_), np.abs(whole.components_), atol=1e-5)
+    for r in (0, 5, 17):
+        np.testing.assert_allclose(blocked.reconstruct(mm[r]), whole.reconstruct(mm[r]), atol=1e-5)
+    # In-memory arrays (the original API) give the same fit as the memory maps.
+    in_memory = PCABaseline(n_components=3).fit(vols[rows], masks[rows])
+    np.testing.assert_allclose(in_memory.reconstruct(vols[5]), whole.reconstruct(mm[5]), atol=1e-5)
+
+
+def test_mean_image_streamed_equals_numpy_mean(tmp_path: Path) -> None:
+    from brainvae.vae.evaluate import _mean_of
+
+    vols, masks, mm, mm_masks = _cohort_memmaps(tmp_path, 20, (12, 14, 12), seed=7)
+    rows = [0, 3, 4, 8, 9, 15, 19]
+    expected = vols[rows].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(_mean_of(mm, rows), expected, atol=1e-6)
+    pca = PCABaseline(n_components=2).fit(mm, mm_masks, rows, block_rows=2)
+    np.testing.assert_allclose(pca.mean_volume_, expected, atol=1e-6)
+    np.testing.assert_allclose(pca.mean_, expected[masks[rows].any(axis=0)], atol=1e-6)

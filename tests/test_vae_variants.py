@@ -22,8 +22,9 @@ def test_variant_overrides_merge_the_model_key_by_key() -> None:
 
 
 def test_run_options_are_split_from_the_training_config() -> None:
-    config, run = split_run_options({"device": "cuda", "threads": 4, "deterministic": True, "lr": 0.1})
-    assert config == {"lr": 0.1} and run == {"device": "cuda", "threads": 4, "deterministic": True}
+    settings = {"device": "cuda", "threads": 4, "deterministic": True, "gpus": 2, "nodes": 1, "lr": 0.1}
+    config, run = split_run_options(settings)
+    assert config == {"lr": 0.1} and run == {k: v for k, v in settings.items() if k != "lr"}
     assert set(RUN_KEYS) == set(run)
 
 
@@ -48,7 +49,8 @@ def test_training_defaults_live_in_one_place(repo_root, tmp_path) -> None:
     config = load_config(path, repo_root / "workflow" / "schemas" / "config.schema.yaml")
     training, run = split_run_options(config["training"])
     assert training == TRAINING_DEFAULTS
-    assert run == RUN_DEFAULTS == run_options({}) == {"device": "auto", "threads": 2, "deterministic": False}
+    assert run == RUN_DEFAULTS == run_options({}) == {"device": "auto", "threads": 2, "deterministic": False,
+                                                      "gpus": "auto", "nodes": 1}
 
 
 def test_resolved_config_has_one_architecture_section() -> None:

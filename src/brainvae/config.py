@@ -108,13 +108,15 @@ def _check_semantics(config: dict[str, Any]) -> None:
 def _model_problems(config: dict[str, Any]) -> list[str]:
     """Model variants whose settings cannot run here (e.g. a perceptual term without local weights)."""
     from .vae.config import check_startup
-    from .vae.variants import split_run_options, split_train_labels, variant_settings
+    from .vae.variants import run_options, run_problems, split_run_options, split_train_labels, variant_settings
 
     problems = []
     for name, overrides in (config.get("models") or {}).items():
         try:
             settings = variant_settings(config.get("training", {}), split_train_labels(overrides, None)[0])
-            check_startup(split_run_options(settings)[0])
+            config_part, _run = split_run_options(settings)
+            check_startup(config_part)
+            problems += [f"config key models.{name}: {p}" for p in run_problems(run_options(settings))]
         except ValueError as error:
             problems.append(f"config key models.{name}: {error}")
     return problems

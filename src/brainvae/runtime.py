@@ -11,7 +11,8 @@ import random
 import sys
 from typing import Any
 
-__all__ = ["THREAD_VARIABLES", "resolve_device", "seed_everything", "set_thread_count"]
+__all__ = ["THREAD_VARIABLES", "DeviceError", "device_problems", "resolve_device", "seed_everything", "set_thread_count",
+           "visible_cuda_devices"]
 
 #: Environment variables that ITK, OpenMP, OpenBLAS and MKL read for their thread pools.
 THREAD_VARIABLES = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -43,19 +44,72 @@ def seed_everything(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
 
 
+class DeviceError(RuntimeError):
+    """A configured device that this machine does not have."""
+
+
 def resolve_device(device: str = "auto") -> Any:
     """The ``torch.device`` for a configured ``device``: ``auto`` is CUDA if available, else CPU.
 
-    An unavailable CUDA request falls back to CPU with a warning in the log.
+    ``cuda`` (or ``cuda:N``) without a visible GPU raises :class:`DeviceError` saying so: a run that asked
+    for a GPU must not quietly take days on the CPU.
     """
-    import logging
-
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning("CUDA requested but not available; running on CPU")
-        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        problem = _cuda_problem(dev, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                                torch.__version__, torch.version.cuda)
+        if problem:
+            raise DeviceError(problem)
     return dev
+
+
+def _cuda_problem(dev: Any, visible: int, torch_version: str, cuda_build: str | None) -> str | None:
+    if visible == 0:
+        build = f"CUDA {cuda_build} build" if cuda_build else "a CPU-only build"
+        return (f"device {str(dev)!r} was asked for, but this machine has no usable CUDA GPU (torch {torch_version}, "
+                f"{build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run on a GPU "
+                "node, or set training.device: auto (CPU when there is no GPU) or cpu.")
+    if dev.index is not None and dev.index >= visible:
+        return f"device {str(dev)!r} was asked for, but only {visible} CUDA GPU(s) are visible"
+    return None
+
+
+def visible_cuda_devices(python: str | None = None, timeout: float = 120.0) -> tuple[int, str]:
+    """``(number of CUDA GPUs torch sees, torch's description)``, asked of a fresh Python process.
+
+    For start-up checks in a process that must not import torch itself (the Snakefile's).
+    """
+    import subprocess
+
+    code = ("import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, "
+            "torch.__version__, torch.version.cuda)")
+    out = subprocess.run([python or sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        return 0, f"torch failed to start: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+    count, version, cuda = out.stdout.split()
+    return int(count), f"torch {version}, {'CUDA ' + cuda + ' build' if cuda != 'None' else 'a CPU-only build'}"
+
+
+def device_problems(devices: dict[str, tuple[str, int]], python: str | None = None) -> list[str]:
+    """Start-up check of the models' devices: ``{model: (device, GPUs per node it trains on)}``.
+
+    Empty when no model asks for CUDA (then torch is not even started) or when this machine has the GPUs.
+    """
+    wanted = {name: (device, gpus) for name, (device, gpus) in devices.items()
+              if str(device).split(":", 1)[0] == "cuda"}
+    if not wanted:
+        return []
+    visible, description = visible_cuda_devices(python)
+    problems = []
+    for name, (device, gpus) in sorted(wanted.items()):
+        if visible == 0:
+            problems.append(f"model {name}: training.device is {device!r} but this machine has no usable CUDA GPU "
+                            f"({description}); run on a GPU machine, submit with the SLURM profile, or set "
+                            "device: auto (CPU when there is no GPU)")
+        elif max(1, gpus) > visible:
+            problems.append(f"model {name}: training.gpus is {gpus} but this machine has {visible} CUDA GPU(s)")
+    return problems

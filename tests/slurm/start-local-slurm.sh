@@ -20,6 +20,9 @@
 #   SLURM_LOCAL_ACCOUNT     slurm account created in the DB for root (+ $SUDO_USER) (default ci)
 #   SLURM_LOCAL_CPUS        CPUs advertised for the node (default: real count; a larger
 #                           value oversubscribes the cores via SlurmdParameters=config_overrides)
+#   SLURM_LOCAL_GPUS        fake GPUs the node advertises as GRES gpu (default 2, at most 5; 0 = none). No
+#                           devices behind them: jobs that ask for `--gpus` are scheduled and accounted
+#                           (AllocTRES gres/gpu=N) exactly as on a GPU cluster, but torch sees no GPU
 #   SLURM_LOCAL_DB_PORT     MariaDB TCP port on 127.0.0.1 (default 13306)
 #   SLURM_LOCAL_TIMEOUT     seconds to wait for the node to become idle (default 60)
 #   SLURM_LOCAL_USERS       extra unix users to add to the account (accounting=1 only)
@@ -39,6 +42,7 @@ ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
 ACCOUNT=${SLURM_LOCAL_ACCOUNT:-ci}
 DB_PORT=${SLURM_LOCAL_DB_PORT:-13306}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
+GPUS=${SLURM_LOCAL_GPUS:-2}
 FORCE=${SLURM_LOCAL_FORCE:-0}
 CLUSTER=localcluster
 PARTITION=debug
@@ -140,8 +144,25 @@ else
   NODE_HW=$(sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//' <<<"$HW")
 fi
 
-# ---------------------------------------------------------------- 5. slurm.conf
+# ---------------------------------------------------------------- 5. slurm.conf (+ gres.conf)
 mkdir -p "$CONF_DIR"
+NODE_GRES=""
+GRES_CONF=""
+if [ "$GPUS" -gt 0 ]; then
+  NODE_GRES="Gres=gpu:$GPUS"
+  GRES_CONF="GresTypes=gpu
+AccountingStorageTRES=gres/gpu"
+  # slurmd drops file-less GPUs, so each fake GPU names a harmless character device (nothing opens it).
+  FAKE_DEVICES=(/dev/null /dev/zero /dev/full /dev/urandom /dev/random)
+  [ "$GPUS" -le ${#FAKE_DEVICES[@]} ] || die "SLURM_LOCAL_GPUS: at most ${#FAKE_DEVICES[@]}"
+  {
+    echo "$MARKER -- fake GPUs (no devices behind them)"
+    echo "AutoDetect=off"
+    for ((i = 0; i < GPUS; i++)); do echo "NodeName=$HOST Name=gpu File=${FAKE_DEVICES[$i]}"; done
+  } >"$CONF_DIR/gres.conf"
+elif [ -f "$CONF_DIR/gres.conf" ] && grep -q "^$MARKER" "$CONF_DIR/gres.conf"; then
+  rm -f "$CONF_DIR/gres.conf"
+fi
 if [ "$ACCOUNTING" = 1 ]; then
   ACCT_CONF="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -189,8 +210,9 @@ KillWait=5
 Waittime=0
 JobCompType=jobcomp/none
 $ACCT_CONF
+$GRES_CONF
 $EXTRA
-NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST $NODE_HW RealMemory=$MEM State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST $NODE_HW RealMemory=$MEM $NODE_GRES State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 )

@@ -1,9 +1,13 @@
 # VAE: one training job per model variant (architecture dense or spatial), evaluation against PCA and
 # mean-image baselines with latent diagnostics, Parquet latents. A variant's settings are the shared
 # `training` section with `models[<name>]` on top; defaults come from brainvae.vae.config. Jobs ask for
-# resources gpu=1 only when the variant's device is `cuda`; `auto` uses a GPU if the node has one.
+# `training.gpus` GPUs per node (auto: 1 with device `cuda`, none otherwise; device `auto` uses a GPU if the
+# node has one); training on several GPUs or nodes runs one DistributedDataParallel process per GPU.
 
-from brainvae.vae.variants import run_options, split_run_options, split_train_labels, uses_cuda, variant_settings
+from brainvae.errors import ConfigError
+from brainvae.runtime import device_problems
+from brainvae.vae.variants import (gpus_per_node, run_options, split_run_options, split_train_labels,
+                                   training_processes, variant_settings)
 
 MODELS = {
     name: variant_settings(config["training"], split_train_labels(overrides, None)[0])
@@ -15,6 +19,19 @@ MODEL_CONFIG = {name: split_run_options(settings)[0] for name, settings in MODEL
 MODEL_RUN = {name: run_options(settings) for name, settings in MODELS.items()}
 # Settings that cannot run here (a perceptual term without local weights) were refused with the rest of the
 # configuration (brainvae.config.validate_config).
+MODEL_GPUS = {name: gpus_per_node(run) for name, run in MODEL_RUN.items()}
+MODEL_PROCESSES = {name: training_processes(run) for name, run in MODEL_RUN.items()}
+
+
+# A model that needs a GPU this machine lacks fails before the first job, not after preprocessing. Only where
+# jobs run here: a SLURM login node has no GPU, its jobs' nodes do (and the job itself checks when it starts,
+# brainvae.runtime.resolve_device). In onstart because the executor is known only once the run starts.
+onstart:
+    if workflow.local_exec and not workflow.remote_exec:
+        _problems = device_problems({name: (run["device"], MODEL_GPUS[name]) for name, run in MODEL_RUN.items()})
+        if _problems:
+            raise ConfigError("the configuration asks for GPUs this machine does not have:\n  "
+                              + "\n  ".join(_problems))
 
 
 wildcard_constraints:
@@ -54,11 +71,20 @@ rule train_vae:
         # Outside the declared outputs: Snakemake deletes a failed job's outputs, the checkpoint
         # must survive that so a killed or timed-out job resumes from its last epoch.
         checkpoint_dir=lambda wildcards: f"{OUT}/.checkpoints/{wildcards.model}",
-    threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"]
+        # (processes per node, nodes): one process per GPU (brainvae.vae.variants.training_processes).
+        processes=lambda wildcards: MODEL_PROCESSES[wildcards.model],
+        threads_per_process=lambda wildcards: MODEL_RUN[wildcards.model]["threads"],
+    # training.threads per process, for every process on the node.
+    threads: lambda wildcards: MODEL_RUN[wildcards.model]["threads"] * MODEL_PROCESSES[wildcards.model][0]
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wildcards: 8000 * MODEL_PROCESSES[wildcards.model][0],
         runtime=240,
-        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+        # SLURM: --gpus=<all GPUs of the job>, --nodes, and training.threads CPUs per GPU; one task, which
+        # starts the processes itself (torchrun, and srun across nodes).
+        gpu=lambda wildcards: MODEL_GPUS[wildcards.model] * MODEL_PROCESSES[wildcards.model][1],
+        nodes=lambda wildcards: MODEL_PROCESSES[wildcards.model][1],
+        cpus_per_gpu=lambda wildcards: MODEL_RUN[wildcards.model]["threads"] if MODEL_GPUS[wildcards.model] else 0,
+        tasks_per_gpu=0,
     conda:
         "../../envs/train.yaml"
     script:
@@ -121,7 +147,7 @@ rule evaluate_vae:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+        gpu=lambda wildcards: min(1, MODEL_GPUS[wildcards.model]),
     conda:
         "../../envs/train.yaml"
     script:
@@ -148,7 +174,7 @@ rule encode_latents:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: int(uses_cuda(MODEL_RUN[wildcards.model]["device"])),
+        gpu=lambda wildcards: min(1, MODEL_GPUS[wildcards.model]),
     conda:
         "../../envs/train.yaml"
     script:

@@ -4,6 +4,13 @@ Every matrix handed to :mod:`brainvae.analysis.classify` must have its rows in t
 metadata table (``meta``: dataset, participant, session, run, scan, label, ...). The helpers here
 load each source, check it, and put its rows in that order, so a row index means the same scan in
 every feature set (needed for paired comparisons on the same folds).
+
+Memory: voxel matrices (scans × brain voxels) are memory-mapped and read a block of rows or of
+columns at a time; the pages a block has read are dropped from the resident set after it
+(:func:`brainvae.memmaps.release_pages`), so no function here holds the matrix in memory twice:
+:func:`voxel_matrix_from_cohort` holds one volume, :func:`row_space` one column block (at most
+``max_block_bytes``) plus the scans × scans Gram matrix, and :func:`align_rows`, when it must reorder,
+the reordered copy it returns.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import pandas as pd
 
 from brainvae.analysis.errors import AnalysisError
 from brainvae.latents_table import read_latents
+from brainvae.memmaps import RELEASE_EVERY, release_pages
 
 __all__ = [
     "ID_COLUMNS",
@@ -116,6 +124,7 @@ def check_finite(X: np.ndarray, keys: Sequence[str] | np.ndarray, *, what: str, 
     for start in range(0, X.shape[0], chunk_rows):
         block = np.asarray(X[start:start + chunk_rows])
         bad.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
+        release_pages(X)
     if bad:
         names = ", ".join(str(keys[i]) for i in bad[:10])
         raise AnalysisError(what, f"non-finite values in {len(bad)} scan(s): {names}")
@@ -128,7 +137,8 @@ def align_rows(
 
     Matching is by :func:`scan_keys` (both tables need the same identifying columns). Extra rows
     in ``index`` are dropped; a scan of ``meta`` missing from ``index`` is an error naming it. When
-    the order already matches, ``X`` is returned as is (a memmap stays a memmap).
+    the order already matches, ``X`` is returned as is (a memmap stays a memmap); otherwise the
+    rows are copied into memory, from a memmap ``block_rows`` at a time, so only the copy is resident.
     """
     if len(index) != X.shape[0]:
         raise AnalysisError(what, f"index has {len(index)} rows but the matrix has {X.shape[0]}")
@@ -143,7 +153,14 @@ def align_rows(
         raise AnalysisError(what, f"{len(missing)} scan(s) have no features: {', '.join(map(str, missing[:10]))}")
     if len(pos) == X.shape[0] and np.array_equal(pos, np.arange(X.shape[0])):
         return X
-    return np.asarray(X[pos])
+    if not isinstance(X, np.memmap):
+        return np.asarray(X[pos])
+    out = np.empty((len(pos), *X.shape[1:]), dtype=X.dtype)
+    block_rows = RELEASE_EVERY
+    for start in range(0, len(pos), block_rows):
+        out[start:start + block_rows] = X[pos[start:start + block_rows]]
+        release_pages(X)
+    return out
 
 
 def load_voxel_matrix(
@@ -231,7 +248,9 @@ def voxel_matrix_from_cohort(
 
     Columns: the voxels inside the union of all scans' brain masks (after ``downsample``, a block
     mean), so background never enters the baseline. The union uses no labels, so building it on
-    every scan leaks nothing into the classification. Written row by row; returns a read-only memmap.
+    every scan leaks nothing into the classification. Read and written row by row (plain file writes,
+    not a writable memmap whose dirty pages would stay resident), so one volume is in memory; returns
+    a read-only memmap.
     """
     from brainvae.io import atomic_path
 
@@ -246,21 +265,28 @@ def voxel_matrix_from_cohort(
                                              f"{volumes.shape} and {masks.shape}")
     if volumes.shape[0] == 0:
         raise AnalysisError(str(array_path), "the cohort array holds no scans")
+    block_rows = RELEASE_EVERY  # rows read between two releases of the read pages
     union = np.zeros(volumes.shape[1:], dtype=bool)
     for i in range(masks.shape[0]):
         union |= np.asarray(masks[i]) > 0
+        if (i + 1) % block_rows == 0:
+            release_pages(masks)
+    release_pages(masks)
     keep = block_mean(union, downsample) > 0
     if not keep.any():
         raise AnalysisError(str(mask_path), "every brain mask is empty")
-    with atomic_path(out_npy, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(volumes.shape[0], int(keep.sum())))
+    shape = (volumes.shape[0], int(keep.sum()))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+    with atomic_path(out_npy, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
         for i in range(volumes.shape[0]):
             row = block_mean(np.asarray(volumes[i], dtype=np.float32), downsample)[keep]
             if not np.isfinite(row).all():
                 raise AnalysisError(str(array_path), f"non-finite voxel values in volume {i}")
-            out[i] = row
-        out.flush()
-        del out
+            f.write(np.ascontiguousarray(row, dtype=np.float32).tobytes())
+            if (i + 1) % block_rows == 0:
+                release_pages(volumes)
+        release_pages(volumes)
     return np.load(out_npy, mmap_mode="r")
 
 
@@ -344,7 +370,7 @@ def confound_features(meta: pd.DataFrame, names: Sequence[str], *, exclude: Sequ
     return FeatureSet(label, X, columns=tuple(columns))
 
 
-def row_space(X: np.ndarray, *, chunk_columns: int = 65_536) -> np.ndarray:
+def row_space(X: np.ndarray, *, chunk_columns: int | None = None, max_block_bytes: int = 256 << 20) -> np.ndarray:
     """Coordinates of the rows of ``X`` (n × p, p large) in an orthonormal basis of their span: n × r.
 
     Inner products and distances between rows, hence any PCA, standardisation-after-PCA or linear
@@ -352,13 +378,23 @@ def row_space(X: np.ndarray, *, chunk_columns: int = 65_536) -> np.ndarray:
     axis of a subset lies in the span of all rows). The basis uses no label, so computing it once
     on every scan leaks nothing, and turns a scans × voxels matrix into a scans × scans one, which
     makes a PCA inside every training fold cheap. Built from the Gram matrix X Xᵀ, read in column
-    chunks (a memmap is never loaded whole).
+    chunks (a memmap is never loaded whole): each chunk is an n × chunk float64 copy of at most
+    ``max_block_bytes`` (default 256 MiB; ``chunk_columns`` sets the width instead), so the memory is
+    that block plus the 8·n² byte Gram matrix, whatever p is.
     """
     n, p = X.shape
+    if chunk_columns is None:
+        chunk_columns = max(1, int(max_block_bytes) // (8 * max(n, 1)))
     gram = np.zeros((n, n))
+    block_rows = 4 * RELEASE_EVERY  # rows read between two releases of a memmap's pages (short pieces of rows)
     for start in range(0, p, chunk_columns):
-        block = np.asarray(X[:, start:start + chunk_columns], dtype=np.float64)
+        stop = min(start + chunk_columns, p)
+        block = np.empty((n, stop - start))
+        for i in range(0, n, block_rows):
+            block[i:i + block_rows] = X[i:i + block_rows, start:stop]
+            release_pages(X)
         gram += block @ block.T
+        del block
     values, vectors = np.linalg.eigh(gram)
     keep = values > max(values.max(), 0.0) * n * np.finfo(np.float64).eps
     return vectors[:, keep] * np.sqrt(values[keep])[None, :]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from brainvae.analysis.errors import AnalysisError
 from brainvae.analysis.features import ID_COLUMNS
+from brainvae.memmaps import release_pages
 
 __all__ = ["PCAResult", "explained_variance_table", "fit_pca", "pca_report", "pca_scores_table"]
 
@@ -40,19 +41,33 @@ class PCAResult:
         return int(self.scores.shape[1])
 
 
+def _column_block(X: np.ndarray, start: int, stop: int, rows: int = 32) -> np.ndarray:
+    """``X[:, start:stop]`` as float64, read ``rows`` rows at a time (a memmap's read pages released)."""
+    block = np.empty((X.shape[0], stop - start))
+    for i in range(0, X.shape[0], rows):
+        block[i:i + rows] = X[i:i + rows, start:stop]
+        release_pages(X)
+    return block
+
+
+def _chunk_width(n: int, chunk_columns: int | None, max_block_bytes: int) -> int:
+    return int(chunk_columns) if chunk_columns else max(1, max_block_bytes // (8 * max(n, 1)))
+
+
 def _column_moments(X: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     n, p = X.shape
     mean = np.empty(p)
     sd = np.empty(p)
     for start in range(0, p, chunk):
-        block = np.asarray(X[:, start:start + chunk], dtype=np.float64)
+        block = _column_block(X, start, min(start + chunk, p))
         mean[start:start + chunk] = block.mean(axis=0)
         sd[start:start + chunk] = block.std(axis=0, ddof=1) if n > 1 else 0.0
     return mean, sd
 
 
 def fit_pca(
-    X: np.ndarray, n_components: int | None = None, *, standardize: bool = False, chunk_columns: int = 65_536
+    X: np.ndarray, n_components: int | None = None, *, standardize: bool = False, chunk_columns: int | None = None,
+    max_block_bytes: int = 256 << 20,
 ) -> PCAResult:
     """PCA scores of the rows of ``X`` (centred; scaled to unit variance if ``standardize``).
 
@@ -66,6 +81,7 @@ def fit_pca(
     n, p = X.shape
     k_max = min(n - 1, p)
     k = k_max if n_components is None else int(min(n_components, k_max))
+    chunk_columns = _chunk_width(n, chunk_columns, max_block_bytes)
     mean, sd = _column_moments(X, chunk_columns)
     scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(p)
     if p <= n:
@@ -81,7 +97,8 @@ def fit_pca(
         # chunks, gives the scores U·S directly without holding X in memory.
         gram = np.zeros((n, n))
         for start in range(0, p, chunk_columns):
-            block = np.asarray(X[:, start:start + chunk_columns], dtype=np.float64) - mean[start:start + chunk_columns]
+            block = _column_block(X, start, min(start + chunk_columns, p))
+            block -= mean[start:start + chunk_columns]
             block /= scale[start:start + chunk_columns]
             gram += block @ block.T
         total = float(np.trace(gram)) / (n - 1)

@@ -50,7 +50,7 @@ ARCHITECTURES = ("dense", "spatial")
 
 #: Keys of the training section that say where and how a job runs (not part of what is trained; not
 #: hashed into the model's provenance).
-RUN_KEYS = ("device", "threads", "deterministic")
+RUN_KEYS = ("device", "threads", "deterministic", "gpus", "nodes")
 #: Config section of each architecture's settings.
 NESTED_KEYS: dict[str, str] = {"dense": "model", "spatial": "spatial"}
 

@@ -11,7 +11,9 @@ range.
 The PCA baseline (n_components = latent_dim, capped at the number of training scans) is fitted on
 the training split, on the voxels inside the union of the training masks, and scored the same way:
 a VAE with a d-dimensional latent should reconstruct at least as well as the best linear
-d-dimensional code. The mean-image baseline (``mean_image``: every scan reconstructed as the mean of
+d-dimensional code. It is an exact PCA fitted from the memory-mapped cohort array a part at a time
+(:class:`PCABaseline`): no copy of the training scans is ever made, so it works at 1 mm for
+thousands of scans. The mean-image baseline (``mean_image``: every scan reconstructed as the mean of
 the training scans) is the floor: a model that does not beat it has learnt nothing about the
 individual scan.
 
@@ -31,9 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.decomposition import PCA
 
 from brainvae.io import atomic_path, atomic_write_text
+from brainvae.memmaps import RELEASE_EVERY, release_pages
 
 from .cohort import read_index, read_splits
 from .diagnostics import latent_diagnostics, write_diagnostics
@@ -65,6 +67,7 @@ def reconstruct(model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], 
         with torch.no_grad():
             recon, _, _ = model(torch.from_numpy(x).unsqueeze(1).to(device))
         recon_np = recon.float().squeeze(1).cpu().numpy()
+        release_pages(array)  # only this batch is held: read pages of a memmap leave the resident set
         for r, xi, yi in zip(chunk, x, recon_np, strict=True):
             yield r, xi, yi
 
@@ -152,28 +155,157 @@ def summarise(per_scan: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.D
 
 
 class PCABaseline:
-    """PCA reconstruction on the voxels inside the union of the training masks."""
+    """Exact PCA reconstruction on the voxels inside the union of the training masks, fitted streaming.
 
-    def __init__(self, n_components: int, seed: int = 0) -> None:
+    ``PCABaseline(n_components).fit(volumes, masks, rows)``: ``volumes`` and ``masks`` are N x X x Y x Z
+    (in-memory arrays, or the cohort's read-only memory maps ``np.load(path, mmap_mode="r")``), ``rows``
+    the training rows (default: all N). The arrays are read in place, a part at a time, never as
+    ``volumes[rows]`` (which would copy every training scan):
+
+    1. row by row: the support (union of the training masks) and the mean of the training volumes
+       (float64 sums; :attr:`mean_volume_` is the mean image over every voxel, :attr:`mean_` its
+       support part);
+    2. the n x n Gram matrix ``G = Xc Xcᵀ`` of the centred in-support training data (n = len(rows),
+       float64), accumulated over slabs of support voxels read from every training row; a slab holds
+       as many values as ``block_rows`` training rows do, so one block of memory whatever n is;
+    3. ``G = U Λ Uᵀ`` (eigh); the top k = min(n_components, n, support voxels) principal axes are
+       ``V = Λ^-1/2 Uᵀ Xc`` (the right singular vectors of Xc: the components an SVD of the stacked
+       data gives, as sklearn's exact ``PCA(svd_solver="full")``), again slab by slab, stored float32
+       in :attr:`components_`.
+
+    Reconstruction (:meth:`reconstruct`) is ``mean + Vᵀ V (x - mean)`` on the support and 0 outside:
+    the projection onto the top-k principal subspace, as ``PCA.inverse_transform(PCA.transform(x))``.
+    Axes whose training variance is below 1e-10 of the first (the n-th when k = n: centred data have
+    rank n - 1) carry no training variance and are numerically undetermined (sklearn returns an
+    arbitrary direction there), so they are left out of the projection; :attr:`n_components` still
+    reports k, :attr:`rank` the axes used.
+
+    Memory: O(k x p + n² + one block), p = support voxels: ``components_`` 4·k·p bytes, the Gram
+    matrix 8·n² bytes, a slab 8·block_rows·p bytes, and a few volumes (the float64 sum, the support).
+    With a memory map, the pages read are dropped from the resident set every few rows
+    (:func:`brainvae.memmaps.release_pages`), so the file's pages do not accumulate in it either.
+    Time: ~n²·p/2 multiply-adds for the Gram matrix, and three reads of the training rows (two of
+    them by slabs) and one of their masks. ``seed`` is kept for the API and not used: the solver is
+    deterministic.
+    """
+
+    def __init__(self, n_components: int, seed: int = 0, *, block_rows: int = 16) -> None:
         self.n_components = int(n_components)
         self.seed = seed
+        self.block_rows = int(block_rows)
         self.support: np.ndarray | None = None
-        self.pca: PCA | None = None
+        self.mean_: np.ndarray | None = None
+        self.mean_volume_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.explained_variance_: np.ndarray | None = None
+        self.rows: list[int] = []
 
-    def fit(self, volumes: np.ndarray, masks: np.ndarray) -> PCABaseline:
-        self.support = (np.asarray(masks) > 0).any(axis=0)
-        data = np.stack([np.asarray(v, dtype=np.float32)[self.support] for v in volumes])
-        k = min(self.n_components, *data.shape)
-        self.pca = PCA(n_components=k, svd_solver="auto", random_state=self.seed).fit(data)
+    @property
+    def rank(self) -> int:
+        """The principal axes :meth:`reconstruct` uses (<= :attr:`n_components`)."""
+        return 0 if self.components_ is None else int(self.components_.shape[0])
+
+    def fit(self, volumes: Any, masks: Any, rows: Sequence[int] | None = None, *,
+            block_rows: int | None = None) -> PCABaseline:
+        """Fit on ``volumes[rows]`` and ``masks[rows]`` (default every row), read a block at a time."""
+        block = max(1, int(block_rows or self.block_rows))
+        rows = list(range(len(volumes))) if rows is None else [int(r) for r in rows]
+        if not rows:
+            raise ValueError("PCABaseline.fit needs at least one training row")
+        n = len(rows)
+        support, total = _support_and_sum(volumes, masks, rows)
+        index = np.flatnonzero(support.ravel())
+        p = int(index.size)
+        if p == 0:
+            raise ValueError("the training masks are all empty")
+        self.rows, self.support = rows, support
+        self.mean_volume_ = (total / n).astype(np.float32)
+        self.mean_ = mean = total.ravel()[index] / n
+        del total
+        k = min(self.n_components, n, p)
         self.n_components = k
+        slab = max(1, -(-block * p // n))  # support voxels per slab: n x slab values = block rows' worth
+
+        gram = np.zeros((n, n))
+        for part, _ in _slabs(volumes, rows, index, mean, slab):
+            gram += part @ part.T  # a @ a.T: BLAS syrk
+        del part  # the slab buffer, before the next pass allocates its own
+        values, vectors = np.linalg.eigh(gram)
+        del gram
+        order = np.argsort(values)[::-1][:k]
+        values, vectors = values[order], vectors[:, order]
+        keep = values > max(float(values[0]), 0.0) * 1e-10
+        values, vectors = values[keep], vectors[:, keep]
+        self.explained_variance_ = values / max(n - 1, 1)
+        components = np.zeros((len(values), p), dtype=np.float32)
+        if len(values):
+            weights = np.ascontiguousarray((vectors / np.sqrt(values)[None, :]).T)  # r x n: V = Λ^-1/2 Uᵀ Xc
+            for part, s in _slabs(volumes, rows, index, mean, slab):
+                components[:, s] = weights @ part
+            del part
+        self.components_ = components
         return self
 
     def reconstruct(self, volume: np.ndarray) -> np.ndarray:
-        assert self.pca is not None and self.support is not None, "call fit() first"
-        code = self.pca.transform(np.asarray(volume, dtype=np.float32)[self.support][None])
+        """``mean + Vᵀ V (x - mean)`` inside the support, 0 outside (a float32 volume)."""
+        assert self.components_ is not None and self.support is not None and self.mean_ is not None, \
+            "call fit() first"
+        y = np.asarray(volume)[self.support].astype(np.float64) - self.mean_
+        out_support = self.mean_.copy()
+        if self.rank:
+            # float32 components, float64 products, a bounded column chunk at a time.
+            code = np.zeros(self.rank)
+            for s in _chunks(y.size, self.rank):
+                code += self.components_[:, s].astype(np.float64) @ y[s]
+            for s in _chunks(y.size, self.rank):
+                out_support[s] += code @ self.components_[:, s].astype(np.float64)
         out = np.zeros(self.support.shape, dtype=np.float32)
-        out[self.support] = self.pca.inverse_transform(code)[0]
+        out[self.support] = out_support
         return out
+
+
+def _chunks(p: int, k: int, budget: int = 1 << 22) -> Iterator[slice]:
+    """Column slices of a k x p matrix with at most ~``budget`` values each."""
+    step = max(1, budget // max(k, 1))
+    for start in range(0, p, step):
+        yield slice(start, min(start + step, p))
+
+
+def _support_and_sum(volumes: Any, masks: Any, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Union of ``masks[rows] > 0`` and the float64 sum of ``volumes[rows]``, one row at a time."""
+    shape = tuple(np.shape(volumes[rows[0]]))
+    support = np.zeros(shape, dtype=bool)
+    total = np.zeros(shape, dtype=np.float64)
+    for i, r in enumerate(rows):
+        support |= np.asarray(masks[r]) > 0
+        total += np.asarray(volumes[r])
+        if (i + 1) % RELEASE_EVERY == 0:
+            release_pages(volumes, masks)
+    release_pages(volumes, masks)
+    return support, total
+
+
+def _slabs(volumes: Any, rows: Sequence[int], index: np.ndarray, mean: np.ndarray, slab: int
+           ) -> Iterator[tuple[np.ndarray, slice]]:
+    """``(Xc[:, s], s)`` for consecutive slices ``s`` of the support voxels: n x len(s), float64, centred.
+
+    ``index``: the flat indices of the support voxels; each training row is read only at the slab's
+    voxels (a contiguous stretch of the row). The buffer is reused: use each slab before the next.
+    """
+    buffer = np.empty((len(rows), min(slab, index.size)))
+    for start in range(0, index.size, slab):
+        s = slice(start, min(start + slab, index.size))
+        idx = index[s]
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        local = idx - lo
+        part = buffer[:, :s.stop - s.start]
+        for i, r in enumerate(rows):
+            part[i] = np.asarray(volumes[r]).reshape(-1)[lo:hi][local]
+            if (i + 1) % RELEASE_EVERY == 0:
+                release_pages(volumes)
+        release_pages(volumes)
+        part -= mean[s]
+        yield part, s
 
 
 def _slices(vol: np.ndarray) -> list[np.ndarray]:
@@ -268,6 +400,12 @@ def evaluate_vae(
     ``summary.tsv`` (method, metric, region, n, mean, sd, ci_low, ci_high; bootstrap 95 % CI of the
     mean), ``reconstructions.png`` (``n_figure`` random test scans) and ``prior_samples.png``.
     Returns ``{"per_scan": ..., "summary": ...}``.
+
+    Memory: the arrays are memory-mapped and read a scan (or a batch, or a slab) at a time; the
+    figure keeps ``n_figure`` input/reconstruction pairs. The PCA baseline (:class:`PCABaseline`)
+    holds 4·k·p bytes of components (k its components, p the voxels in the union of the training
+    masks), an 8·n² byte Gram matrix and one block of rows; ``pca_max_train`` caps its n at a random
+    subset of the training scans (2,000: a 32 MB Gram matrix; fitting time grows as n²·p).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,19 +424,25 @@ def evaluate_vae(
 
     baseline: PCABaseline | None = None
     train_rows = rows_of["train"]
-    if len(train_rows) > pca_max_train:  # bound memory: PCA holds n_train x n_voxels floats
+    if len(train_rows) > pca_max_train:  # bounds the n x n Gram matrix and the n² x voxels time
         rng = np.random.default_rng(seed)
         train_rows = sorted(rng.choice(train_rows, pca_max_train, replace=False).tolist())
     if pca and train_rows:
-        baseline = PCABaseline(model.latent_dim, seed).fit(array[train_rows], masks[train_rows])
-    mean_image = _mean_of(array, rows_of["train"]) if rows_of["train"] else None
+        # Read from the memory maps in place (no array[train_rows] copy of the training scans).
+        baseline = PCABaseline(model.latent_dim, seed).fit(array, masks, train_rows)
+    mean_image = None
+    if rows_of["train"]:
+        # The PCA's first pass summed the same rows in the same order: reuse its mean image.
+        same = baseline is not None and baseline.rows == list(rows_of["train"])
+        mean_image = baseline.mean_volume_ if same else _mean_of(array, rows_of["train"])
 
     fig_rows = set(np.random.default_rng(seed).choice(test_rows, min(n_figure, len(test_rows)),
                                                       replace=False).tolist())
     records: list[dict[str, Any]] = []
     figure_items: list[tuple[str, np.ndarray, np.ndarray]] = []
     for row, x, y in reconstruct(model, array, test_rows, device=dev, batch_size=batch_size):
-        m = np.asarray(masks[row])
+        m = np.array(masks[row])
+        release_pages(masks)
         records.append({"method": "vae", "scan": scans[row], "row": row, **scan_metrics(x, y, m)})
         if baseline is not None:
             records.append({"method": "pca", "scan": scans[row], "row": row,
@@ -322,15 +466,19 @@ def evaluate_vae(
     plot_reconstructions(figure_items, out_dir / "reconstructions.png")
     plot_prior_samples(model, out_dir / "prior_samples.png", n=n_prior, seed=seed, device=dev)
     model_rows = sorted(set(index_df.loc[index_df["scan"].isin(splits_df["scan"]), "row"].astype(int)))
-    diagnostics = latent_diagnostics(model, array, model_rows, device=dev, batch_size=batch_size)
+    diagnostics = latent_diagnostics(model, _ReleasingRows(array), model_rows, device=dev, batch_size=batch_size)
     write_diagnostics(diagnostics, out_dir)
     return {"per_scan": per_scan, "summary": summary, "diagnostics": diagnostics}
 
 
 def _mean_of(array: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+    """Mean image of ``array[rows]`` (float32), summed row by row in float64: one volume in memory."""
     total = np.zeros(array.shape[1:], dtype=np.float64)
-    for r in rows:
-        total += array[r]
+    for i, r in enumerate(rows):
+        total += np.asarray(array[r])
+        if (i + 1) % RELEASE_EVERY == 0:
+            release_pages(array)
+    release_pages(array)
     return (total / max(len(rows), 1)).astype(np.float32)
 
 
@@ -343,6 +491,35 @@ def mean_metric(summary: pd.DataFrame, method: str, metric: str, region: str = "
 def metrics_for_rows(model: torch.nn.Module, array: np.ndarray, masks: np.ndarray, rows: Sequence[int], *,
                      device: torch.device, batch_size: int = 4,
                      regions: Sequence[str] = ("mask",)) -> dict[int, Mapping[str, float]]:
-    """``row -> scan_metrics`` of the VAE reconstruction for every row (used by latents)."""
-    return {row: scan_metrics(x, y, np.asarray(masks[row]), regions)
-            for row, x, y in reconstruct(model, array, rows, device=device, batch_size=batch_size)}
+    """``row -> scan_metrics`` of the VAE reconstruction for every row (used by latents); one batch in memory."""
+    out: dict[int, Mapping[str, float]] = {}
+    for row, x, y in reconstruct(model, array, rows, device=device, batch_size=batch_size):
+        out[row] = scan_metrics(x, y, np.array(masks[row]), regions)
+        release_pages(masks)
+    return out
+
+
+class _ReleasingRows:
+    """``array[r]`` as an in-memory copy, the memory map's read pages dropped every few rows.
+
+    For readers that take rows one at a time (:func:`brainvae.vae.diagnostics.latent_diagnostics`
+    encodes every scan of the splits): without it, the pages of the whole cohort array would stay in
+    the resident set until the map is closed.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self._reads = array, 0
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.array(self.array[key])
+        self._reads += 1
+        if self._reads % RELEASE_EVERY == 0:
+            release_pages(self.array)
+        return out

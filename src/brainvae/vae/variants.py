@@ -19,8 +19,8 @@ from typing import Any
 
 from .config import RUN_DEFAULTS
 
-__all__ = ["NESTED", "RUN_KEYS", "cohort_split_labels", "run_options", "split_run_options", "split_train_labels",
-           "uses_cuda", "variant_settings"]
+__all__ = ["NESTED", "RUN_KEYS", "cohort_split_labels", "gpus_per_node", "run_options", "run_problems",
+           "split_run_options", "split_train_labels", "training_processes", "uses_cuda", "variant_settings"]
 
 #: Settings about where and how a job runs, not what is trained (not part of the model's config).
 RUN_KEYS = tuple(RUN_DEFAULTS)
@@ -78,3 +78,29 @@ def cohort_split_labels(per_variant: Iterable[Sequence[str] | None]) -> list[str
 def uses_cuda(device: str) -> bool:
     """Whether a configured device asks for a GPU (``cuda``, ``cuda:1``); ``auto`` does not."""
     return str(device).split(":", 1)[0] == "cuda"
+
+
+def gpus_per_node(run: Mapping[str, Any]) -> int:
+    """GPUs per node a variant's jobs ask for: ``gpus``, where ``auto`` is 1 with device ``cuda``, else 0."""
+    gpus = run.get("gpus", "auto")
+    if gpus == "auto":
+        return 1 if uses_cuda(run.get("device", "auto")) else 0
+    return int(gpus)
+
+
+def training_processes(run: Mapping[str, Any]) -> tuple[int, int]:
+    """``(processes per node, nodes)`` of a variant's training: one per GPU (at least one) on each node."""
+    return max(1, gpus_per_node(run)), int(run.get("nodes", 1))
+
+
+def run_problems(run: Mapping[str, Any]) -> list[str]:
+    """Run options that contradict each other (checked when the workflow starts)."""
+    device, gpus, nodes = str(run.get("device", "auto")), gpus_per_node(run), int(run.get("nodes", 1))
+    problems = []
+    if device == "cpu" and gpus > 0:
+        problems.append(f"gpus is {gpus} but device is cpu: set device: auto or cuda to train on GPUs")
+    if nodes > 1 and gpus == 0:
+        problems.append(f"nodes is {nodes} but no GPUs are asked for: set gpus (per node) >= 1")
+    if ":" in device and gpus * nodes > 1:
+        problems.append(f"device {device} names one GPU but gpus x nodes is {gpus * nodes}: use device cuda")
+    return problems

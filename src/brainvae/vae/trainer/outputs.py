@@ -21,7 +21,7 @@ __all__ = ["LOG_COLUMNS", "environment_report", "plot_curves", "write_log"]
 
 LOG_COLUMNS = ("epoch", "session", "train_loss", "train_recon", "train_kl", "beta", "val_loss",
                "val_recon", "val_kl", "train_adv", "train_disc", "train_perceptual", "lr", "seconds",
-               "volumes_per_s")
+               "volumes_per_s", "loader_wait_fraction")
 
 
 def write_log(rows: list[dict[str, Any]], path: Path) -> None:
