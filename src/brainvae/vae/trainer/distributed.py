@@ -87,15 +87,16 @@ class GlobalBatchSampler:
     """This rank's part of every global batch of one epoch's permutation (a DataLoader ``batch_sampler``).
 
     The permutation depends on ``(seed, epoch)`` only (:meth:`set_epoch`), so it is the same on every rank,
-    in a resumed run and in an uninterrupted one. ``shuffle=False`` keeps the scans in order (validation).
-    Slices of one global batch differ by at most one scan; :meth:`global_sizes` tells the loop each global
-    batch's size, by which it weights each rank's loss. With several ranks, a last global batch with fewer
-    scans than ranks is left out of that epoch (every rank needs a scan of every batch).
+    in a resumed run and in an uninterrupted one. Slices of one global batch differ by at most one scan;
+    :meth:`global_sizes` tells the loop each global batch's size, by which it weights each rank's loss. In
+    training (``shuffle=True``) every rank needs a scan of every batch (DDP averages gradients at each step), so
+    with several ranks a last global batch with fewer scans than ranks is left out of that epoch. Validation
+    (``shuffle=False``: the scans in order) scores every scan once; a rank simply skips its empty slices.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
                  world_size: int = 1) -> None:
-        if batch_size < world_size:
+        if shuffle and batch_size < world_size:
             raise ValueError(f"batch_size {batch_size} is smaller than the number of processes {world_size}: "
                              "every process needs at least one scan of each global batch")
         self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), shuffle, int(seed)
@@ -114,7 +115,7 @@ class GlobalBatchSampler:
     def global_batches(self) -> list[list[int]]:
         order = self.order()
         batches = [order[i: i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        return [b for b in batches if len(b) >= self.world_size]
+        return [b for b in batches if len(b) >= self.world_size] if self.shuffle else batches
 
     def global_sizes(self) -> list[int]:
         return [len(b) for b in self.global_batches()]
@@ -125,11 +126,12 @@ class GlobalBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
-            yield self._slice(batch)
+            part = self._slice(batch)
+            if part:
+                yield part
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest >= self.world_size else 0)
+        return sum(1 for batch in self.global_batches() if self._slice(batch))
 
 
 def rendezvous_host() -> str:

@@ -601,6 +601,7 @@ def _train_in_group(ctx: DistributedContext, dev: torch.device, config: Mapping[
         "cache_on_device": isinstance(train_batches, CachedBatches),
         "compiled": bool(cfg["compile"]),
         "processes": ctx.world_size,
+        "peak_device_memory_mb": (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None),
         "loader_wait_fraction": float(np.mean([r["loader_wait_fraction"] for r in rows])),
         "deterministic": deterministic,
     }
