@@ -182,8 +182,8 @@ def test_cuda_without_a_gpu_fails_with_a_clear_message() -> None:
     with pytest.raises(DeviceError, match="no usable CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
-    problems = device_problems({"vae_big": ("cuda", 1), "vae_cpu": ("auto", 0)})
-    assert len(problems) == 1 and "model vae_big" in problems[0] and "no usable CUDA GPU" in problems[0]
+    problems = device_problems({"model vae_big": ("cuda", 1), "model vae_cpu": ("auto", 0)})
+    assert len(problems) == 1 and problems[0].startswith("model vae_big:") and "no usable CUDA GPU" in problems[0]
 
 
 def test_device_problems_do_not_start_torch_without_a_cuda_request() -> None:
@@ -250,9 +250,27 @@ def test_device_cuda_without_a_gpu_stops_the_workflow_before_its_first_job(tmp_p
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "asks for GPUs this machine does not have" in output and "no usable CUDA GPU" in output
+    assert "model vae_dense (training.device)" in output
     assert not (tmp_path / "results" / "demo_cohort").exists()  # no job ran, not even the first
 
 
 def test_contradicting_gpu_settings_are_refused_at_start_up(tmp_path: Path) -> None:
     result = _dry_run(tmp_path, _config(tmp_path, device="cpu", gpus=2))
     assert result.returncode != 0 and "gpus is 2 but device is cpu" in result.stdout + result.stderr
+
+
+def test_skull_stripping_asks_for_a_gpu_only_when_declared(tmp_path: Path) -> None:
+    def skullstrip_resources(device: str) -> list[str]:
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config["preprocess"]["skullstrip"]["device"] = device
+        path = tmp_path / f"config_{device}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = _dry_run(tmp_path / device, path)
+        assert result.returncode == 0, result.stderr
+        blocks = (result.stdout + result.stderr).split("rule ")
+        return [next(line for line in b.splitlines() if "resources:" in line)
+                for b in blocks if b.startswith("skullstrip:")]
+
+    declared, default = skullstrip_resources("cuda"), skullstrip_resources("auto")
+    assert declared and all("gpu=1" in line for line in declared)
+    assert default and all("gpu=0" in line or "gpu=" not in line for line in default)

@@ -95,7 +95,7 @@ def visible_cuda_devices(python: str | None = None, timeout: float = 120.0) -> t
 
 
 def device_problems(devices: dict[str, tuple[str, int]], python: str | None = None) -> list[str]:
-    """Start-up check of the models' devices: ``{model: (device, GPUs per node it trains on)}``.
+    """Start-up check of devices: ``{what: (device, GPUs per node)}``, e.g. ``{"model vae_dense": ("cuda", 2)}``.
 
     Empty when no model asks for CUDA (then torch is not even started) or when this machine has the GPUs.
     """
@@ -107,9 +107,9 @@ def device_problems(devices: dict[str, tuple[str, int]], python: str | None = No
     problems = []
     for name, (device, gpus) in sorted(wanted.items()):
         if visible == 0:
-            problems.append(f"model {name}: training.device is {device!r} but this machine has no usable CUDA GPU "
+            problems.append(f"{name}: device is {device!r} but this machine has no usable CUDA GPU "
                             f"({description}); run on a GPU machine, submit with the SLURM profile, or set "
                             "device: auto (CPU when there is no GPU)")
         elif max(1, gpus) > visible:
-            problems.append(f"model {name}: training.gpus is {gpus} but this machine has {visible} CUDA GPU(s)")
+            problems.append(f"{name}: {gpus} GPUs asked for but this machine has {visible} CUDA GPU(s)")
     return problems

@@ -38,8 +38,12 @@ def bias_corrected(conformed: PathLike, biasfield: PathLike) -> nib.Nifti1Image:
 
 
 def skullstrip_file(in_level1_head: PathLike, in_level1: PathLike, in_native: PathLike, out_native_mask: PathLike,
-                    out_json: PathLike, *, method: str = "deepbet", threads: int = 1) -> dict[str, Any]:
+                    out_json: PathLike, *, method: str = "deepbet", threads: int = 1,
+                    device: str = "auto") -> dict[str, Any]:
     """Skull-strip the level-1-aligned head; write the brain mask on the native grid and a JSON.
+
+    ``device`` (deepbet only): ``auto`` uses a GPU when the node has one, ``cpu`` never, ``cuda`` requires one
+    (:class:`brainvae.runtime.DeviceError` otherwise).
 
     The mask is made in level-1 (MNI-like) space, where deepbet and the template prior work best,
     then pulled back to the native grid through the inverse level-1 affine: the single resampling
@@ -52,7 +56,12 @@ def skullstrip_file(in_level1_head: PathLike, in_level1: PathLike, in_native: Pa
     native = _load(in_native)
     level1 = read_transform(in_level1)
     already_stripped = bool(detect_skull_stripped(native))
-    mask_mni = skullstrip(head, method=method, threads=threads, init="identity")
+    torch_device = None
+    if method == "deepbet" and device != "auto":
+        from .runtime import resolve_device
+
+        torch_device = str(resolve_device(device))
+    mask_mni = skullstrip(head, method=method, threads=threads, init="identity", device=torch_device)
     mask_native = mask_to_native(mask_mni, native, "level1", level1)
     if mask_native.sum() == 0:
         raise InputError(in_native, f"skull stripping ({method}) found no brain")
@@ -174,6 +183,7 @@ def _conform_errors_recorded(failure_records: PathLike | None, scan: str, in_t1w
 
 def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan_key: str,
                           conform: Mapping[str, Any], n4: Mapping[str, Any], skullstrip_method: str = "deepbet",
+                          skullstrip_device: str = "auto",
                           grid: str = DEFAULT_GRID, order: int = 3, normalisation: Mapping[str, Any] | None = None,
                           qc_thresholds: Mapping[str, float] | None = None, threads: int = 1,
                           failure_records: PathLike | None = None, scan: str | None = None,
@@ -203,7 +213,7 @@ def preprocess_scan_files(in_t1w: PathLike, out: Mapping[str, PathLike], *, scan
         bias_correct_file(out["conformed"], corrected, out["biasfield"], out["headmask"], threads=threads, **n4)
         level1_file(corrected, out["level1_xfm"], level1_head, out["level1_info"], threads=threads)
         skullstrip_file(level1_head, out["level1_xfm"], corrected, out["brain_mask"], out["brain_mask_info"],
-                        method=skullstrip_method, threads=threads)
+                        method=skullstrip_method, threads=threads, device=skullstrip_device)
         level2_file(corrected, out["brain_mask"], out["level1_xfm"], out["xfm"], out["xfm_info"],
                     mask_space="native", threads=threads)
     preprocess_file(out["conformed"], out["biasfield"], out["brain_mask"], out["xfm"], out["preproc"],

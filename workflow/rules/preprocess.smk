@@ -4,6 +4,10 @@
 # With preprocess.one_job_per_scan, rule preprocess_scan (end of this file) replaces these rules and
 # rules conform and qc_scan: same files, one job per scan.
 
+# deepbet on a GPU only when declared (preprocess.skullstrip.device: cuda): then its jobs ask for one.
+SKULLSTRIP_GPUS = int(config["preprocess"]["skullstrip"]["device"] == "cuda"
+                      and config["preprocess"]["skullstrip"]["method"] == "deepbet")
+
 if not ONE_JOB_PER_SCAN:
 
     rule n4:
@@ -76,10 +80,12 @@ if not ONE_JOB_PER_SCAN:
             f"{BENCHMARKS}/skullstrip/{{scan}}.tsv",
         params:
             method=config["preprocess"]["skullstrip"]["method"],
+            device=config["preprocess"]["skullstrip"]["device"],
         threads: PREP_THREADS
         resources:
             mem_mb=3000,
             runtime=15,
+            gpu=SKULLSTRIP_GPUS,
         group:
             "preprocess"
         conda:
@@ -164,6 +170,7 @@ if ONE_JOB_PER_SCAN:
             },
             n4=config["preprocess"]["n4"],
             skullstrip_method=config["preprocess"]["skullstrip"]["method"],
+            skullstrip_device=config["preprocess"]["skullstrip"]["device"],
             grid=GRID,
             order=config["preprocess"]["interpolation_order"],
             normalisation=config["preprocess"]["normalisation"],
@@ -173,6 +180,7 @@ if ONE_JOB_PER_SCAN:
         resources:
             mem_mb=3000,
             runtime=60,
+            gpu=SKULLSTRIP_GPUS,
         group:
             "preprocess"
         conda:

@@ -28,7 +28,11 @@ MODEL_PROCESSES = {name: training_processes(run) for name, run in MODEL_RUN.item
 # brainvae.runtime.resolve_device). In onstart because the executor is known only once the run starts.
 onstart:
     if workflow.local_exec and not workflow.remote_exec:
-        _problems = device_problems({name: (run["device"], MODEL_GPUS[name]) for name, run in MODEL_RUN.items()})
+        _devices = {f"model {name} (training.device)": (run["device"], MODEL_GPUS[name])
+                    for name, run in MODEL_RUN.items()}
+        if SKULLSTRIP_GPUS:
+            _devices["skull-stripping (preprocess.skullstrip.device)"] = ("cuda", 1)
+        _problems = device_problems(_devices)
         if _problems:
             raise ConfigError("the configuration asks for GPUs this machine does not have:\n  "
                               + "\n  ".join(_problems))

@@ -13,7 +13,8 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
     p = snakemake.params
     metrics = preprocess_scan_files(
         snakemake.input.t1w, {name: snakemake.output[name] for name in SCAN_OUTPUTS}, scan_key=p.scan_key,
-        conform=p.conform, n4=p.n4, skullstrip_method=p.skullstrip_method, grid=p.grid, order=p.order,
+        conform=p.conform, n4=p.n4, skullstrip_method=p.skullstrip_method,
+        skullstrip_device=p.skullstrip_device, grid=p.grid, order=p.order,
         normalisation=p.normalisation, qc_thresholds=p.qc_thresholds, threads=snakemake.threads,
         failure_records=records_dir(snakemake.config["output_dir"]), scan=snakemake.wildcards.scan,
         conform_settings=snakemake.config["conform"])

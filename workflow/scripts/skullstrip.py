@@ -7,5 +7,5 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
 
     info = skullstrip_file(snakemake.input.head, snakemake.input.level1, snakemake.input.native,
                            snakemake.output.mask, snakemake.output.info, method=snakemake.params.method,
-                           threads=snakemake.threads)
+                           threads=snakemake.threads, device=snakemake.params.device)
     log.info("brain mask: %.0f mL (%s)", info["BrainVolumeMl"], info["Method"])

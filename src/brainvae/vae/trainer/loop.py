@@ -545,7 +545,10 @@ def _train_in_group(ctx: DistributedContext, dev: torch.device, config: Mapping[
                "train_recon": tr["recon"], "train_kl": tr["kl"], "beta": beta,
                "val_loss": va["loss"], "val_recon": va["recon"], "val_kl": va["kl"],
                "train_adv": tr["adv"], "train_disc": tr["disc"], "train_perceptual": tr["perceptual"],
-               "lr": lr, "seconds": seconds, "volumes_per_s": len(train_rows) / train_seconds,
+               "lr": lr, "seconds": seconds,
+               # Volumes this epoch trained on (with several processes a last batch smaller than their
+               # number is left out).
+               "volumes_per_s": sum(train_sampler.global_sizes()) / train_seconds,
                "loader_wait_fraction": loader_wait / train_seconds}
         rows.append(row)
         log.info("epoch %d: train %.4g val %.4g (%.1fs)", epoch, tr["loss"], va["loss"], seconds)
