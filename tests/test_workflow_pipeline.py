@@ -463,3 +463,21 @@ def test_report_holds_qc_and_the_analysis(pipeline, tmp_path):
     # Per model: reconstructions, the metrics with the PCA and mean-image rows, and the latent diagnostics.
     for figure in ("reconstructions", "reconstruction metrics", "latent diagnostics", "KL per latent dimension"):
         assert figure in html, figure
+
+
+def test_report_renders_in_a_headless_browser(pipeline, tmp_path):
+    """The report opens in a real browser (Debian's Chromium via Selenium): the app draws its sections, every
+    embedded figure decodes, and the console shows no error."""
+    from report_browser import install_browser, open_report
+
+    problem = install_browser()
+    if problem:
+        pytest.skip(f"no headless browser: {problem}")
+    report = tmp_path / "report.html"
+    snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
+    page = open_report(report)
+    assert page["title"] == "Snakemake Report"
+    for section in ("Latent space (PCA)", "Prediction tasks", "Quality control", "VAE"):
+        assert section in page["text"], page["text"][:500]
+    assert page["images"] >= 10 and page["loaded"] == page["images"] and not page["broken"], page
+    assert page["console_errors"] == [], page["console_errors"]
