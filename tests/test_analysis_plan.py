@@ -35,7 +35,7 @@ def test_plan_of_the_default_analysis():
     analysis = _analysis()
     plan = plan_analysis(analysis, _samples({"HCP": 10, "SantPau": 20, "ABCDS": 6}), DATASETS, (40, 48, 40))
     assert "ds_vs_euploid" in plan.task_names and "brain_age" in plan.task_names
-    assert plan.model_feature_sets == ["latents", "latents_confounds"]
+    assert plan.model_feature_sets == ["latents", "latents_confounds", "deviation"]
     assert "voxels_pca" in plan.baseline_feature_sets and "confounds" in plan.baseline_feature_sets
     assert plan.task_settings["n_permutations"] == analysis["permutations"] >= 1000
     assert plan.sites == ["ABCDS", "HCP", "SantPau"] and plan.site_check

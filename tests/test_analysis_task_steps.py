@@ -153,3 +153,21 @@ def test_a_task_the_scans_cannot_support_is_left_out_with_a_note_unless_required
                      latents=root / "latents.parquet", voxels=root / "voxels.npy",
                      voxel_index=root / "voxels_index.tsv", **FAST)
     assert "left out" in pd.read_csv(out["results"], sep="\t")["note"].item()
+
+
+def test_deviation_feature_set_reads_the_latents_tables_scores() -> None:
+    from brainvae.analysis.task_steps import task_feature_matrix
+    from brainvae.analysis.tasks import task_from_dict
+    from brainvae.analysis.errors import AnalysisError
+
+    task = task_from_dict({"name": "ds_vs_euploid", "column": "label", "kind": "binary", "positive": "DS"})
+    scans = pd.DataFrame({"scan": ["a", "b"], "label": ["DS", "euploid"]})
+    scores = np.array([[3.0, 1.5], [1.0, -0.2]])
+    features = task_feature_matrix("deviation", task, scans, latents=None, voxels=None, voxel_pca_components=2,
+                                   deviation=scores)
+    assert features.name == "deviation" and np.array_equal(features.X, scores)
+    with pytest.raises(AnalysisError, match="no deviation scores"):
+        task_feature_matrix("deviation", task, scans, latents=None, voxels=None, voxel_pca_components=2)
+    with pytest.raises(AnalysisError, match="no deviation score"):
+        task_feature_matrix("deviation", task, scans, latents=None, voxels=None, voxel_pca_components=2,
+                            deviation=np.array([[1.0, np.nan], [1.0, 2.0]]))

@@ -69,3 +69,31 @@ def test_encoding_is_deterministic(trained: dict[str, Path], tmp_path: Path) -> 
     assert a.equals(b)
     mu = np.stack([a.column(f"mu_{i}").to_numpy() for i in range(6)], axis=1)
     assert np.isfinite(mu).all() and mu.std(axis=0).max() > 0  # scans get different codes
+
+
+def test_deviation_scores_use_the_models_own_reference_scans(trained: dict[str, Path], tmp_path: Path) -> None:
+    from brainvae.deviation import mahalanobis_scores
+    from brainvae.vae.latents import deviation_columns
+
+    _export(trained, tmp_path / "latents.parquet")
+    df, _meta = read_latents(tmp_path / "latents.parquet")
+    mu = df[[f"mu_{i}" for i in range(6)]].to_numpy(np.float64)
+    train = (df["split"] == "train").to_numpy()
+    np.testing.assert_allclose(df["latent_mahalanobis"], mahalanobis_scores(mu, mu[train]), rtol=1e-6)
+    held_out = df["split"].isin(["val", "test"]).to_numpy()
+    z = df["recon_error_z"].to_numpy(np.float64)
+    assert held_out.sum() >= 2 and abs(z[held_out].mean()) < 1e-9 and abs(z[held_out].std(ddof=1) - 1) < 1e-9
+    # Only the reference scans define the reference: moving a scan outside it changes no other scan's score.
+    moved = mu.copy()
+    outside = np.flatnonzero(~train & ~held_out)[0]
+    moved[outside] += 100.0
+    errors = df["mse_mask"].to_numpy().copy()
+    errors[outside] *= 10
+    again = deviation_columns(moved, errors.tolist(), df["split"].tolist())
+    others = np.arange(len(df)) != outside
+    np.testing.assert_allclose(np.array(again["latent_mahalanobis"])[others], df["latent_mahalanobis"][others])
+    np.testing.assert_allclose(np.array(again["recon_error_z"], dtype=float)[others], z[others])
+    assert again["latent_mahalanobis"][outside] > 10 * df["latent_mahalanobis"][others].max()
+    # Without two reference scans the scores are null, not made up.
+    none = deviation_columns(mu, errors.tolist(), ["none"] * len(df))
+    assert none["latent_mahalanobis"] == [None] * len(df) and none["recon_error_z"] == [None] * len(df)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .io import atomic_path
 
-__all__ = ["COVARIATE_TYPES", "IDENTIFIER_COLUMNS", "METADATA_PREFIX", "NOT_IN_SPLIT", "latent_schema",
+__all__ = ["COVARIATE_TYPES", "DEVIATION_COLUMNS", "IDENTIFIER_COLUMNS", "METADATA_PREFIX", "NOT_IN_SPLIT", "latent_schema",
            "read_latents", "write_latents"]
 
 #: ``split`` of a scan the model never saw (not in its splits.tsv).
@@ -36,6 +36,10 @@ IDENTIFIER_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("dataset", False), ("participant", False), ("session", True), ("run", True), ("scan", False),
     ("label", False), ("split", False))
 METADATA_PREFIX = "brainvae."
+#: Normative deviation scores (:mod:`brainvae.deviation`): the Mahalanobis distance of the latent mean to the
+#: model's training scans, and the z-score of ``mse_mask`` against its held-out (val and test) scans; null when
+#: the model's splits do not give such a reference.
+DEVIATION_COLUMNS = ("latent_mahalanobis", "recon_error_z")
 
 
 def latent_schema(latent_dim: int, covariates: Sequence[str] = (),
@@ -46,6 +50,7 @@ def latent_schema(latent_dim: int, covariates: Sequence[str] = (),
     fields += [pa.field(f"mu_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
     fields += [pa.field(f"logvar_{i}", pa.float32(), nullable=False) for i in range(latent_dim)]
     fields += [pa.field("mse_mask", pa.float64()), pa.field("ssim_mask", pa.float64())]
+    fields += [pa.field(name, pa.float64()) for name in DEVIATION_COLUMNS]
     return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
 
 

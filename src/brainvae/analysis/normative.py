@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from brainvae.deviation import mahalanobis_scores, zscores  # noqa: F401  (part of this module's API)
+
 __all__ = ["GroupMap", "ReferenceStats", "field_agreement", "group_map", "mahalanobis_scores", "regional_summary",
            "residual", "traversal_direction", "traversal_codes", "zmap", "zscores"]
 
@@ -128,28 +130,6 @@ def group_map(zmaps_a: np.ndarray, zmaps_b: np.ndarray, mask: np.ndarray, *, n_p
     difference[inside] = a.mean(axis=0) - b.mean(axis=0)
     return GroupMap(difference=difference, t=t_map, threshold=threshold, alpha=alpha,
                     n_permutations=n_permutations, significant=np.abs(t_map) > threshold)
-
-
-def mahalanobis_scores(latents: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Mahalanobis distance of each latent vector to the reference latents (the euploid training scans), with a
-    Ledoit-Wolf shrunk covariance so that it is defined when latents outnumber scans."""
-    from sklearn.covariance import LedoitWolf
-
-    reference = np.asarray(reference, np.float64)
-    if len(reference) < 2:
-        raise ValueError("the reference needs two or more latent vectors")
-    fit = LedoitWolf().fit(reference)
-    centred = np.asarray(latents, np.float64) - fit.location_
-    return np.sqrt(np.einsum("ij,jk,ik->i", centred, fit.precision_, centred))
-
-
-def zscores(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """(value - reference mean) / reference sd, e.g. a scan's reconstruction error against the euploid ones."""
-    reference = np.asarray(reference, np.float64)
-    sd = reference.std(ddof=1)
-    if not np.isfinite(sd) or sd <= 0:
-        raise ValueError("the reference values need a spread (two or more distinct values)")
-    return (np.asarray(values, np.float64) - reference.mean()) / sd
 
 
 def traversal_direction(latents: np.ndarray, labels: Sequence[str], positive: str, negative: str) -> np.ndarray:

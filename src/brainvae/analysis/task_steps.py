@@ -33,6 +33,7 @@ from brainvae.analysis.features import (
 from brainvae.analysis.tables import to_html, to_markdown, write_tsv
 from brainvae.analysis.tasks import CONFOUNDS, Task, estimators_for, feature_sets_for, task_from_dict
 from brainvae.io import atomic_write_text
+from brainvae.latents_table import DEVIATION_COLUMNS
 
 __all__ = ["NOT_IN_SPLIT", "NO_MODEL", "select_scans", "task_feature_matrix", "tasks_step", "tasks_tables"]
 
@@ -70,13 +71,23 @@ def select_scans(scans: pd.DataFrame, split_tables: Sequence[pd.DataFrame], incl
 
 
 def task_feature_matrix(name: str, task: Task, scans: pd.DataFrame, *, latents: np.ndarray | None,
-                        voxels: np.ndarray | None, voxel_pca_components: int) -> FeatureSet:
-    """The feature set ``name`` for ``task``, rows aligned to ``scans``.
+                        voxels: np.ndarray | None, voxel_pca_components: int,
+                        deviation: np.ndarray | None = None) -> FeatureSet:
+    """The feature set ``name`` for ``task``, rows aligned to ``scans``. ``deviation``: the latents table's
+    :data:`~brainvae.latents_table.DEVIATION_COLUMNS` (latent Mahalanobis distance, reconstruction-error z).
 
     Confound columns equal to the task's column (age, for brain age) are left out of ``confounds``
     and ``latents_confounds``; brainvae.analysis.tasks.feature_sets_for drops the ``age`` set itself.
     """
     exclude = (task.table_column,)
+    if name == "deviation":
+        if deviation is None:
+            raise AnalysisError("feature set 'deviation'", "the latents table has no deviation scores "
+                                                           f"({', '.join(DEVIATION_COLUMNS)})")
+        if not np.isfinite(deviation).all():
+            raise AnalysisError("feature set 'deviation'", "some analysed scans have no deviation score (the model's "
+                                                           "splits give fewer than two reference scans)")
+        return FeatureSet(name, deviation)
     if name in ("latents", "latents_confounds"):
         if latents is None:
             raise AnalysisError(f"feature set '{name}'", "no latents given")
@@ -132,10 +143,13 @@ def tasks_step(
     """
     out = Path(out_dir)
     scans = scans.reset_index(drop=True)
-    L = V = None
+    L = V = D = None
     if len(scans) and latents is not None:
         table = load_latents(latents, required=("scan", "dataset", "participant"))
         L = np.asarray(align_rows(scans, table, latent_matrix(table), what=str(latents)), dtype=np.float64)
+        if set(DEVIATION_COLUMNS) <= set(table.columns):
+            scores = table[list(DEVIATION_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+            D = np.asarray(align_rows(scans, table, scores, what=str(latents)), dtype=np.float64)
     if len(scans) and voxels is not None and any(f == "voxels_pca" for f in feature_sets):
         X, index = load_voxel_matrix(voxels, voxel_index)
         V = row_space(align_rows(scans, index, X, what=str(voxels)))
@@ -157,8 +171,15 @@ def tasks_step(
         evaluated_ext = "+".join(sorted(set(data.external["dataset"].astype(str)))) if len(ext_at) else ""
         tag = {"task": task.name, "kind": task.kind.value, "model": model or NO_MODEL}
         for name in feature_sets_for(task, feature_sets):
-            features = task_feature_matrix(name, task, scans, latents=L, voxels=V,
-                                           voxel_pca_components=voxel_pca_components)
+            try:
+                features = task_feature_matrix(name, task, scans, latents=L, voxels=V,
+                                               voxel_pca_components=voxel_pca_components, deviation=D)
+            except AnalysisError as error:
+                if name != "deviation":
+                    raise
+                # A model whose splits hold too few reference scans has no deviation scores: said, not fatal.
+                notes.append({**tag, "note": f"feature set deviation left out: {error}"})
+                continue
             cv_features = FeatureSet(name, features.X[cv_at], pca_components=features.pca_components)
             ext_features = features.X[ext_at] if len(ext_at) else None
             cv_rows, cv_preds, ext_rows, ext_preds = evaluate_feature_set(

@@ -48,8 +48,9 @@ REGRESSION_ESTIMATORS = ("ridge", "svr", "random_forest", "knn")
 CONFOUNDS: dict[str, tuple[str, ...]] = {
     "age": ("age",), "sex": ("sex",), "tiv": ("tiv_ml",), "site": ("dataset",),
 }
-#: Feature sets of the analysis: ``latents`` and ``latents_confounds`` are per model, the rest baselines.
-MODEL_FEATURE_SETS = ("latents", "latents_confounds")
+#: Feature sets of the analysis: ``latents``, ``latents_confounds`` and ``deviation`` (the normative deviation
+#: scores of the latents table) are per model, the rest baselines.
+MODEL_FEATURE_SETS = ("latents", "latents_confounds", "deviation")
 BASELINE_FEATURE_SETS = ("voxels_pca", *CONFOUNDS, "confounds")
 FEATURE_SETS = (*MODEL_FEATURE_SETS, *BASELINE_FEATURE_SETS)
 #: Cell values that mean "no value" in the samples and analysis tables.

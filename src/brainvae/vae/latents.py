@@ -33,6 +33,7 @@ import torch
 
 import brainvae
 from brainvae.io import sha256_file
+from brainvae.deviation import mahalanobis_scores, zscores
 from brainvae.latents_table import COVARIATE_TYPES, NOT_IN_SPLIT, latent_schema, read_latents, write_latents
 
 from ..runtime import resolve_device
@@ -41,7 +42,7 @@ from .config import config_sha256
 from .evaluate import metrics_for_rows
 from .nn import load_model
 
-__all__ = ["encode_rows", "export_latents", "latent_schema", "read_latents", "NOT_IN_SPLIT"]
+__all__ = ["deviation_columns", "encode_rows", "export_latents", "latent_schema", "read_latents", "NOT_IN_SPLIT"]
 
 
 def encode_rows(model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], *,
@@ -137,4 +138,27 @@ def export_latents(
         columns[f"logvar_{i}"] = logvar[:, i]
     columns["mse_mask"] = mse
     columns["ssim_mask"] = ssim
+    columns.update(deviation_columns(mu, mse, columns["split"]))
     return write_latents(columns, schema, out_path)
+
+
+def deviation_columns(mu: np.ndarray, mse: Sequence[float | None], splits: Sequence[str]) -> dict[str, list]:
+    """The normative deviation scores of every scan (:data:`~brainvae.latents_table.DEVIATION_COLUMNS`).
+
+    The model learnt what typical looks like from its ``train`` split (the euploid scans, by default): a scan's
+    latent Mahalanobis distance is measured to those scans' latent means, and its reconstruction error is a
+    z-score against the scans the model held out (``val`` and ``test``), whose errors are those of unseen typical
+    brains. Null where there are fewer than two reference scans (or no reconstruction errors).
+    """
+    splits = np.asarray(splits, dtype=str)
+    n = len(splits)
+    out: dict[str, list] = {"latent_mahalanobis": [None] * n, "recon_error_z": [None] * n}
+    train = splits == "train"
+    if train.sum() >= 2:
+        out["latent_mahalanobis"] = mahalanobis_scores(mu, mu[train]).tolist()
+    errors = np.array([np.nan if v is None else float(v) for v in mse])
+    held_out = np.isin(splits, ["val", "test"]) & np.isfinite(errors)
+    if held_out.sum() >= 2 and np.ptp(errors[held_out]) > 0:
+        z = zscores(errors, errors[held_out])
+        out["recon_error_z"] = [None if not np.isfinite(v) else float(v) for v in z]
+    return out
