@@ -29,6 +29,7 @@ include: "workflow/rules/qc.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/vae.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/normative.smk"
 
 
 rule all:
@@ -43,4 +44,5 @@ rule all:
         COHORT_TARGETS,
         VAE_TARGETS,
         ANALYSIS_TARGETS,
+        NORMATIVE_TARGETS,
     default_target: True

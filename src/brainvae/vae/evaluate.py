@@ -308,18 +308,20 @@ def _slabs(volumes: Any, rows: Sequence[int], index: np.ndarray, mean: np.ndarra
         yield part, s
 
 
-def _slices(vol: np.ndarray) -> list[np.ndarray]:
+def mid_slices(vol: np.ndarray) -> list[np.ndarray]:
+    """Sagittal, coronal and axial slices through the centre, transposed so superior/anterior is up."""
     cx, cy, cz = (s // 2 for s in vol.shape)
-    # Sagittal, coronal, axial through the centre; transposed so superior/anterior is up.
     return [vol[cx].T, vol[:, cy].T, vol[:, :, cz].T]
 
 
-def _save_fig(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
+    return path
 
 
 def plot_reconstructions(items: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
@@ -337,7 +339,7 @@ def plot_reconstructions(items: Sequence[tuple[str, np.ndarray, np.ndarray]], pa
         for j, (name, vol, kw) in enumerate([("input", x, {"vmin": lo, "vmax": hi, "cmap": "gray"}),
                                              ("reconstruction", y, {"vmin": lo, "vmax": hi, "cmap": "gray"}),
                                              ("|error|", err, {"vmin": 0, "vmax": emax, "cmap": "magma"})]):
-            for k, sl in enumerate(_slices(vol)):
+            for k, sl in enumerate(mid_slices(vol)):
                 ax = axes[i, 3 * j + k]
                 ax.imshow(sl, origin="lower", **kw)
                 ax.set_axis_off()
@@ -346,7 +348,7 @@ def plot_reconstructions(items: Sequence[tuple[str, np.ndarray, np.ndarray]], pa
         axes[i, 0].text(-0.1, 0.5, scan, transform=axes[i, 0].transAxes, rotation=90,
                         va="center", ha="right", fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_png(fig, path)
 
 
 def plot_prior_samples(model: torch.nn.Module, path: Path, *, n: int = 4, seed: int = 0,
@@ -365,12 +367,12 @@ def plot_prior_samples(model: torch.nn.Module, path: Path, *, n: int = 4, seed: 
     fig, axes = plt.subplots(n, 3, figsize=(6, 2.2 * n), squeeze=False)
     for i, v in enumerate(vols):
         lo, hi = np.percentile(v, [1, 99.5])
-        for k, sl in enumerate(_slices(v)):
+        for k, sl in enumerate(mid_slices(v)):
             axes[i, k].imshow(sl, origin="lower", cmap="gray", vmin=lo, vmax=hi)
             axes[i, k].set_axis_off()
     fig.suptitle("samples from the prior", fontsize=10)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_png(fig, path)
 
 
 def evaluate_vae(

@@ -1,0 +1,384 @@
+"""File-level step of the normative stage (rule ``normative_maps``): one trained VAE, its cohort and latents in;
+reference statistics, residual and z-maps, regional summaries, a DS-minus-euploid group map, a latent traversal
+(with its agreement with the true DS field on the synthetic demo), an interpolation strip and per-scan deviation
+scores out. The numerics are :mod:`brainvae.analysis.normative`; this module reads the files, runs the model
+and writes the outputs, so it is tested without Snakemake (tests/test_normative_steps.py).
+
+Which scans play which part:
+
+- **reference** (the voxel-wise mean and sd of the residuals, and the reconstruction-error z): scans of the
+  model's ``val`` and ``test`` splits (its own ``splits.tsv``) whose label is ``negative`` (euploid): held out
+  of the fit, so their residuals are what the model does on unseen typical brains. Fewer than
+  :data:`MIN_REFERENCE` is a :class:`NormativeError`.
+- **latent reference** (Mahalanobis distance): the model's ``train`` scans with label ``negative``.
+- **analysed scans** (maps, regional summary, group map, traversal, deviation scores): the scans the caller
+  selected (in the workflow: :func:`brainvae.analysis.task_steps.select_scans`, as for the prediction tasks).
+
+Sign of the traversal's agreement with the DS field (``traversal_agreement.json``): the decoded change is the
+intensity of the traversal's last step minus its first (towards DS); the field is the log-Jacobian of the
+synthetic DS pull-back (:func:`brainvae.synth.anatomy.ds_jacobian`), negative where DS tissue is larger (the
+enlarged ventricles), positive where it is smaller (cerebellum, frontal lobe). In T1w the ventricles are dark
+CSF: where they expand the intensity falls (change < 0, log-Jacobian < 0), so a **positive** correlation is
+agreement driven by the ventricles. A shrunken cerebellum or frontal lobe makes a border voxel CSF or
+background (change < 0 where the log-Jacobian > 0), which pulls the other way, so the figure is a summary
+of mixed signs, not a test: near 0 means the traversal does not follow the true deformation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from brainvae.analysis.errors import AnalysisError
+from brainvae.analysis.normative import (
+    ReferenceStats,
+    field_agreement,
+    group_map,
+    mahalanobis_scores,
+    regional_summary,
+    residual,
+    traversal_codes,
+    traversal_direction,
+    zmap,
+    zscores,
+)
+from brainvae.io import atomic_path, atomic_write_text
+
+__all__ = ["MIN_REFERENCE", "REGION_NAMES", "NormativeError", "grid_regions", "normative_step",
+           "resample_to_grid", "summary_lines", "true_ds_field"]
+
+#: Fewest euploid held-out scans the reference statistics are fitted on.
+MIN_REFERENCE = 3
+#: Region labels on the cohort grid (MNI-space regions of the synthetic reference, brainvae.synth.reference).
+REGION_NAMES = {1: "rest_of_brain", 2: "ventricles", 3: "cerebellum", 4: "frontal"}
+#: brainvae.synth.reference.REGION_LABELS value -> REGION_NAMES value (the control region is brain like the rest).
+_REFERENCE_TO_REGION = {1: 1, 2: 2, 3: 3, 4: 4, 5: 1}
+
+
+class NormativeError(AnalysisError):
+    """The normative stage cannot run on these scans (e.g. too few euploid held-out scans)."""
+
+
+def resample_to_grid(data: np.ndarray, source_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray, *,
+                     order: int, cval: float = 0.0) -> np.ndarray:
+    """``data`` (voxel grid ``source_affine``) sampled at the voxel centres of the grid (``shape``, ``affine``)."""
+    from scipy import ndimage
+
+    target_to_source = np.linalg.inv(np.asarray(source_affine, float)) @ np.asarray(affine, float)
+    return ndimage.affine_transform(np.asarray(data, np.float32), target_to_source[:3, :3],
+                                    offset=target_to_source[:3, 3], output_shape=tuple(int(s) for s in shape),
+                                    order=order, cval=cval)
+
+
+def grid_regions(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """Integer region labels (:data:`REGION_NAMES`; 0 outside the brain) on a grid in MNI space: the synthetic
+    reference's MNI152 regions, nearest-neighbour sampled (they are template regions, so they apply to any data
+    on an MNI grid)."""
+    from brainvae.synth.reference import reference
+
+    ref = reference()
+    lookup = np.zeros(256, np.uint8)
+    for value, region in _REFERENCE_TO_REGION.items():
+        lookup[value] = region
+    labels = resample_to_grid(ref.labels, ref.affine, shape, affine, order=0).round().astype(np.uint8)
+    return lookup[labels]
+
+
+def true_ds_field(ds_strength: float, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """log-Jacobian of the synthetic DS deformation (:func:`brainvae.synth.anatomy.ds_jacobian`, 2 mm MNI grid)
+    linearly resampled onto the grid (0 = no change outside the field)."""
+    from brainvae.synth.anatomy import ds_jacobian
+
+    img = ds_jacobian(ds_strength)
+    log_jacobian = np.log(np.clip(np.asarray(img.dataobj, np.float64), 1e-3, None))
+    return resample_to_grid(log_jacobian, img.affine, shape, affine, order=1)
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), tmp)
+    return path
+
+
+def _tsv(table: pd.DataFrame, path: Path) -> Path:
+    atomic_write_text(table.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"), path)
+    return path
+
+
+def _plot_group_map(t: np.ndarray, background: np.ndarray, threshold: float, title: str, path: Path) -> Path:
+    from brainvae.vae.evaluate import mid_slices, save_png  # torch: only when drawing
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limit = float(max(np.abs(t).max(), threshold if np.isfinite(threshold) else 0.0, 1e-6))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    lo, hi = np.percentile(background, [1, 99.5])
+    for ax, bg, tt in zip(axes, mid_slices(background), mid_slices(t), strict=True):
+        ax.imshow(bg, origin="lower", cmap="gray", vmin=lo, vmax=hi)
+        ax.imshow(np.ma.masked_where(tt == 0, tt), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                  alpha=0.8)
+        if np.isfinite(threshold):
+            ax.contour(np.abs(tt) > threshold, levels=[0.5], colors="yellow", linewidths=0.8)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=90)
+
+
+def _plot_strip(volumes: np.ndarray, labels: Sequence[str], title: str, path: Path) -> Path:
+    from brainvae.vae.evaluate import mid_slices, save_png  # torch: only when drawing
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = np.percentile(volumes, [1, 99.5])
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(6, 2.0 * len(volumes)), squeeze=False)
+    for i, (vol, label) in enumerate(zip(volumes, labels, strict=True)):
+        for k, sl in enumerate(mid_slices(vol)):
+            axes[i, k].imshow(sl, origin="lower", cmap="gray", vmin=lo, vmax=hi)
+            axes[i, k].set_axis_off()
+        axes[i, 0].text(-0.1, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=90)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _decode(model: Any, codes: np.ndarray, device: Any) -> np.ndarray:
+    import torch
+
+    model.eval()
+    z = torch.as_tensor(np.asarray(codes, np.float32)).reshape(len(codes), *model.latent_shape).to(device)
+    with torch.no_grad():
+        return model.decode(z).float().squeeze(1).cpu().numpy()
+
+
+def normative_step(
+    model_dir: str | os.PathLike[str],
+    scans: pd.DataFrame,
+    array_path: str | os.PathLike[str],
+    mask_path: str | os.PathLike[str],
+    index: str | os.PathLike[str] | pd.DataFrame,
+    splits: str | os.PathLike[str] | pd.DataFrame,
+    latents: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    affine: np.ndarray,
+    positive: str = "DS",
+    negative: str = "euploid",
+    n_permutations: int = 1000,
+    alpha: float = 0.05,
+    traversal_steps: Sequence[float] = (-1.0, 0.0, 1.0, 2.0, 3.0),
+    interpolation_steps: int = 5,
+    ds_strength: float | None = None,
+    no_truth_reason: str = "no known DS field: not the synthetic demo cohort",
+    device: str = "cpu",
+    batch_size: int = 4,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Every output of the normative stage of the model in ``model_dir``, under ``out_dir``.
+
+    ``scans``: the analysed scans (``scan``, ``label``). ``affine``: the cohort grid's (voxel -> MNI mm).
+    ``traversal_steps``: multiples of the distance between the euploid and DS latent means, from the euploid
+    mean. ``ds_strength``: the synthetic demo's (the true DS field), ``None`` when no truth is known.
+    Returns the paths written, by name.
+    """
+    from brainvae.latents_table import read_latents
+    from brainvae.runtime import resolve_device
+    from brainvae.vae.cohort import read_index, read_splits
+    from brainvae.vae.evaluate import reconstruct
+    from brainvae.vae.nn import load_model
+
+    out = Path(out_dir)
+    maps_dir = out / "maps"
+    out.mkdir(parents=True, exist_ok=True)
+    index_df = index.copy() if isinstance(index, pd.DataFrame) else read_index(index)
+    row_of = dict(zip(index_df["scan"].astype(str), index_df["row"].astype(int)))
+    label_of = dict(zip(index_df["scan"].astype(str), index_df["label"].astype(str)))
+    split_table = read_splits(splits)
+    split_of = dict(zip(split_table["scan"].astype(str), split_table["split"].astype(str)))
+    reference_scans = sorted(s for s, sp in split_of.items()
+                             if sp in ("val", "test") and label_of.get(s) == negative and s in row_of)
+    if len(reference_scans) < MIN_REFERENCE:
+        raise NormativeError(
+            "normative reference",
+            f"{len(reference_scans)} {negative} scan(s) in the model's val/test splits; the voxel-wise reference "
+            f"needs {MIN_REFERENCE} or more (more {negative} subjects in datasets with role train/both, or larger "
+            "cohort.split_fractions for val and test)")
+    scans = scans.reset_index(drop=True)
+    analysed = scans["scan"].astype(str).tolist()
+    missing = [s for s in analysed if s not in row_of]
+    if missing:
+        raise NormativeError("analysed scans", f"{len(missing)} not in the cohort index, e.g. {missing[0]}")
+    labels = scans["label"].astype(str).to_numpy()
+
+    dev = resolve_device(device)
+    model = load_model(Path(model_dir), dev)
+    array = np.load(array_path, mmap_mode="r")
+    masks = np.load(mask_path, mmap_mode="r")
+    shape = tuple(array.shape[1:])
+
+    # Reference: residuals of the euploid held-out scans (kept: a few volumes on the demo grid).
+    ref_rows = [row_of[s] for s in reference_scans]
+    ref_resid, ref_masks, ref_mse = [], [], []
+    for r, x, y in reconstruct(model, array, ref_rows, device=dev, batch_size=batch_size):
+        m = np.asarray(masks[r]) > 0
+        ref_resid.append(residual(x, y, m))
+        ref_masks.append(m)
+        ref_mse.append(float(np.mean((x[m] - y[m]) ** 2)))
+    reference = ReferenceStats.fit(ref_resid, ref_masks)
+    del ref_resid
+    paths: dict[str, Path] = {}
+    paths["reference_mean"] = _nifti(reference.mean, affine, out / "reference_residual_mean.nii.gz")
+    paths["reference_sd"] = _nifti(reference.sd, affine, out / "reference_residual_sd.nii.gz")
+    paths["reference_scans"] = _tsv(pd.DataFrame({"scan": reference_scans,
+                                                  "split": [split_of[s] for s in reference_scans],
+                                                  "mse_mask": ref_mse}), out / "reference_scans.tsv")
+
+    # Analysed scans: residual and z-maps, regional summary, reconstruction error.
+    regions = grid_regions(shape, affine)
+    rows = [row_of[s] for s in analysed]
+    scan_of_row = dict(zip(rows, analysed))
+    zmaps = np.zeros((len(rows), *shape), np.float32)
+    position = {s: i for i, s in enumerate(analysed)}
+    mse = np.zeros(len(rows))
+    mean_image = np.zeros(shape, np.float64)
+    group_sums = {positive: np.zeros(shape, np.float64), negative: np.zeros(shape, np.float64)}
+    summaries = []
+    for r, x, y in reconstruct(model, array, rows, device=dev, batch_size=batch_size):
+        scan = scan_of_row[r]
+        i = position[scan]
+        m = np.asarray(masks[r]) > 0
+        resid = residual(x, y, m)
+        z = zmap(resid, reference, m)
+        zmaps[i] = z
+        mse[i] = float(np.mean((x[m] - y[m]) ** 2))
+        mean_image += x
+        if labels[i] in group_sums:
+            group_sums[labels[i]] += x
+        _nifti(resid, affine, maps_dir / f"{scan}_desc-residual_T1w.nii.gz")
+        _nifti(z, affine, maps_dir / f"{scan}_desc-zmap_T1w.nii.gz")
+        summaries.append(regional_summary(z, regions, REGION_NAMES).assign(scan=scan, label=labels[i]))
+    mean_image /= max(len(rows), 1)
+    paths["maps"] = maps_dir
+    regional = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
+    regional = regional[["scan", "label", "region", "voxels", "mean_z", "mean_abs_z", "fraction_abs_z_over_2"]]
+    order = {s: i for i, s in enumerate(analysed)}
+    regional = regional.sort_values("scan", key=lambda c: c.map(order), kind="stable")
+    paths["regional"] = _tsv(regional, out / "regional_summary.tsv")
+    paths["regions"] = _nifti(regions, affine, out / "regions.nii.gz")
+
+    # Group map: mean z of positive minus negative, Welch t, FWE threshold.
+    is_pos, is_neg = labels == positive, labels == negative
+    if is_pos.sum() < 2 or is_neg.sum() < 2:
+        raise NormativeError("group map", f"needs two or more analysed scans of each of {positive!r} and "
+                                          f"{negative!r} (got {int(is_pos.sum())} and {int(is_neg.sum())})")
+    group = group_map(zmaps[is_pos], zmaps[is_neg], reference.mask, n_permutations=n_permutations, alpha=alpha,
+                      seed=seed)
+    del zmaps
+    paths["group_difference"] = _nifti(group.difference, affine, out / "group_difference_z.nii.gz")
+    paths["group_t"] = _nifti(group.t, affine, out / "group_t.nii.gz")
+    title = (f"Welch t, mean z {positive} - {negative} ({int(is_pos.sum())} vs {int(is_neg.sum())} scans); "
+             f"FWE {alpha:g} |t| > {group.threshold:.2f} ({n_permutations} permutations, "
+             f"{int(group.significant.sum())} voxels)")
+    paths["group_png"] = _plot_group_map(group.t, mean_image, group.threshold, title, out / "group_map.png")
+    atomic_write_text(json.dumps({"positive": positive, "negative": negative, "n_positive": int(is_pos.sum()),
+                                  "n_negative": int(is_neg.sum()), "threshold": group.threshold, "alpha": alpha,
+                                  "n_permutations": n_permutations,
+                                  "significant_voxels": int(group.significant.sum()),
+                                  "max_abs_t": float(np.abs(group.t).max())}, indent=2) + "\n",
+                      out / "group_map.json")
+    paths["group_json"] = out / "group_map.json"
+
+    # Latents: the analysed scans' means, the euploid training scans (Mahalanobis reference).
+    table, _ = read_latents(latents)
+    mu_columns = [c for c in table.columns if c.startswith("mu_")]
+    mu_columns.sort(key=lambda c: int(c.split("_")[1]))
+    by_scan = table.set_index(table["scan"].astype(str))
+    missing = [s for s in analysed if s not in by_scan.index]
+    if missing:
+        raise NormativeError(str(latents), f"{len(missing)} analysed scan(s) have no latents, e.g. {missing[0]}")
+    mu = by_scan.loc[analysed, mu_columns].to_numpy(np.float64)
+    train_scans = [s for s, sp in split_of.items() if sp == "train" and label_of.get(s) == negative
+                   and s in by_scan.index]
+    if len(train_scans) < 2:
+        raise NormativeError("latent reference", f"{len(train_scans)} {negative} training scan(s) in the model's "
+                                                 "splits; the Mahalanobis distance needs two or more")
+    distance = mahalanobis_scores(mu, by_scan.loc[train_scans, mu_columns].to_numpy(np.float64))
+    deviation = pd.DataFrame({"scan": analysed, "label": labels, "mahalanobis": distance, "recon_error": mse,
+                              "recon_error_z": zscores(mse, ref_mse)})
+    paths["deviation"] = _tsv(deviation, out / "deviation_scores.tsv")
+
+    # Traversal from the euploid mean towards the DS mean, in multiples of their distance.
+    direction = traversal_direction(mu, labels, positive, negative)
+    start = mu[is_neg].mean(axis=0)
+    distance_means = float(np.linalg.norm(mu[is_pos].mean(axis=0) - start))
+    steps = [float(s) for s in traversal_steps]
+    decoded = _decode(model, traversal_codes(start, direction, np.asarray(steps) * distance_means), dev)
+    paths["traversal_nifti"] = _nifti(np.moveaxis(decoded, 0, -1), affine, out / "traversal.nii.gz")
+    paths["traversal_png"] = _plot_strip(
+        decoded, [f"{s:+g} d" for s in steps],
+        f"traversal {negative} mean -> {positive} mean (d = {distance_means:.3g} latent units)",
+        out / "traversal.png")
+    change = decoded[-1] - decoded[0]
+    paths["traversal_change"] = _nifti(change, affine, out / "traversal_change.nii.gz")
+    agreement: dict[str, Any] = {"steps": steps, "distance": distance_means,
+                                 "decoded_change": f"step {steps[-1]:+g} d minus step {steps[0]:+g} d",
+                                 "field": "log-Jacobian of the synthetic DS deformation (< 0 where DS is larger)",
+                                 "sign": "positive: intensity falls where DS tissue expands (the ventricles, dark "
+                                         "CSF in T1w); see brainvae.analysis.normative_steps"}
+    if ds_strength is None:
+        agreement.update(correlation=None, voxels=None, ds_strength=None, reason=no_truth_reason,
+                         observed_correlation=None)
+    else:
+        field = true_ds_field(float(ds_strength), shape, affine)
+        inside = reference.mask
+        observed = group_sums[positive] / is_pos.sum() - group_sums[negative] / is_neg.sum()
+        agreement.update(correlation=field_agreement(change, field, inside), voxels=int(inside.sum()),
+                         ds_strength=float(ds_strength), reason=None,
+                         observed_correlation=_finite_or_none(field_agreement(observed, field, inside)),
+                         observed="the same correlation for the analysed scans' mean image, positive minus "
+                                  "negative (what the data show)")
+        if not np.isfinite(agreement["correlation"]):
+            agreement.update(correlation=None, reason="undefined: no variation of the decoded change or the field")
+    atomic_write_text(json.dumps(agreement, indent=2) + "\n", out / "traversal_agreement.json")
+    paths["agreement"] = out / "traversal_agreement.json"
+
+    # Interpolation between one analysed euploid and one DS scan (the first of each, in scan order).
+    first_neg = int(np.flatnonzero(is_neg)[0])
+    first_pos = int(np.flatnonzero(is_pos)[0])
+    weights = np.linspace(0.0, 1.0, max(2, int(interpolation_steps)))
+    codes = (1 - weights)[:, None] * mu[first_neg][None, :] + weights[:, None] * mu[first_pos][None, :]
+    paths["interpolation_png"] = _plot_strip(
+        _decode(model, codes, dev), [f"{w:.2f}" for w in weights],
+        f"interpolation {analysed[first_neg].split('/')[-1]} ({negative}) -> "
+        f"{analysed[first_pos].split('/')[-1]} ({positive})", out / "interpolation.png")
+    return paths
+
+
+def summary_lines(paths: Mapping[str, Path]) -> list[str]:
+    """Log lines of a finished step: the group map's threshold and the traversal agreement."""
+    group = json.loads(Path(paths["group_json"]).read_text(encoding="utf-8"))
+    agreement = json.loads(Path(paths["agreement"]).read_text(encoding="utf-8"))
+    corr = agreement["correlation"]
+    return [f"group map: {group['significant_voxels']} voxels with |t| > {group['threshold']:.2f} (FWE "
+            f"{group['alpha']:g}, {group['n_permutations']} permutations)",
+            "traversal agreement with the DS field: " + (f"r = {corr:.3f} over {agreement['voxels']} voxels"
+                                                         if corr is not None else str(agreement["reason"]))]
