@@ -14,11 +14,12 @@ block of the file.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RELEASE_EVERY", "release_pages"]
+__all__ = ["RELEASE_EVERY", "mean_of_rows", "paged", "release_pages"]
 
 # Rows read between two release_pages calls in the row loops (a call costs microseconds; a read maps
 # whole page-cache folios, often far more than the bytes asked for).
@@ -54,3 +55,21 @@ def release_pages(*arrays: Any) -> None:
             mm.madvise(advice)
         except (AttributeError, OSError, ValueError):
             pass
+
+
+def paged(rows: Iterable[int], *arrays: Any) -> Iterator[int]:
+    """Each of ``rows`` in turn, dropping the read pages of ``arrays`` every :data:`RELEASE_EVERY` rows and after
+    the last: ``for r in paged(rows, volumes): use(volumes[r])`` keeps one block of the file resident."""
+    for i, r in enumerate(rows):
+        yield r
+        if (i + 1) % RELEASE_EVERY == 0:
+            release_pages(*arrays)
+    release_pages(*arrays)
+
+
+def mean_of_rows(array: Any, rows: Sequence[int]) -> np.ndarray:
+    """Mean image of ``array[rows]`` (float32), summed row by row in float64: one volume in memory."""
+    total = np.zeros(array.shape[1:], dtype=np.float64)
+    for r in paged(rows, array):
+        total += np.asarray(array[r])
+    return (total / max(len(rows), 1)).astype(np.float32)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from brainvae.analysis.errors import AnalysisError
 from brainvae.latents_table import read_latents
-from brainvae.memmaps import RELEASE_EVERY, release_pages
+from brainvae.memmaps import RELEASE_EVERY, paged, release_pages
 
 __all__ = [
     "ID_COLUMNS",
@@ -265,13 +265,9 @@ def voxel_matrix_from_cohort(
                                              f"{volumes.shape} and {masks.shape}")
     if volumes.shape[0] == 0:
         raise AnalysisError(str(array_path), "the cohort array holds no scans")
-    block_rows = RELEASE_EVERY  # rows read between two releases of the read pages
     union = np.zeros(volumes.shape[1:], dtype=bool)
-    for i in range(masks.shape[0]):
+    for i in paged(range(masks.shape[0]), masks):
         union |= np.asarray(masks[i]) > 0
-        if (i + 1) % block_rows == 0:
-            release_pages(masks)
-    release_pages(masks)
     keep = block_mean(union, downsample) > 0
     if not keep.any():
         raise AnalysisError(str(mask_path), "every brain mask is empty")
@@ -279,14 +275,11 @@ def voxel_matrix_from_cohort(
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
     with atomic_path(out_npy, suffix=".npy") as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
-        for i in range(volumes.shape[0]):
+        for i in paged(range(volumes.shape[0]), volumes):
             row = block_mean(np.asarray(volumes[i], dtype=np.float32), downsample)[keep]
             if not np.isfinite(row).all():
                 raise AnalysisError(str(array_path), f"non-finite voxel values in volume {i}")
             f.write(np.ascontiguousarray(row, dtype=np.float32).tobytes())
-            if (i + 1) % block_rows == 0:
-                release_pages(volumes)
-        release_pages(volumes)
     return np.load(out_npy, mmap_mode="r")
 
 

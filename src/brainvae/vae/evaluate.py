@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from brainvae.io import atomic_path, atomic_write_text
-from brainvae.memmaps import RELEASE_EVERY, release_pages
+from brainvae.memmaps import RELEASE_EVERY, mean_of_rows, paged, release_pages
 
 from .cohort import read_index, read_splits
 from .diagnostics import latent_diagnostics, write_diagnostics
@@ -276,12 +276,9 @@ def _support_and_sum(volumes: Any, masks: Any, rows: Sequence[int]) -> tuple[np.
     shape = tuple(np.shape(volumes[rows[0]]))
     support = np.zeros(shape, dtype=bool)
     total = np.zeros(shape, dtype=np.float64)
-    for i, r in enumerate(rows):
+    for r in paged(rows, volumes, masks):
         support |= np.asarray(masks[r]) > 0
         total += np.asarray(volumes[r])
-        if (i + 1) % RELEASE_EVERY == 0:
-            release_pages(volumes, masks)
-    release_pages(volumes, masks)
     return support, total
 
 
@@ -299,11 +296,8 @@ def _slabs(volumes: Any, rows: Sequence[int], index: np.ndarray, mean: np.ndarra
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         local = idx - lo
         part = buffer[:, :s.stop - s.start]
-        for i, r in enumerate(rows):
+        for i, r in enumerate(paged(rows, volumes)):
             part[i] = np.asarray(volumes[r]).reshape(-1)[lo:hi][local]
-            if (i + 1) % RELEASE_EVERY == 0:
-                release_pages(volumes)
-        release_pages(volumes)
         part -= mean[s]
         yield part, s
 
@@ -475,13 +469,7 @@ def evaluate_vae(
 
 def _mean_of(array: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     """Mean image of ``array[rows]`` (float32), summed row by row in float64: one volume in memory."""
-    total = np.zeros(array.shape[1:], dtype=np.float64)
-    for i, r in enumerate(rows):
-        total += np.asarray(array[r])
-        if (i + 1) % RELEASE_EVERY == 0:
-            release_pages(array)
-    release_pages(array)
-    return (total / max(len(rows), 1)).astype(np.float32)
+    return mean_of_rows(array, rows)
 
 
 def mean_metric(summary: pd.DataFrame, method: str, metric: str, region: str = "mask") -> float:

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from brainvae.io import atomic_path, atomic_write_json, atomic_write_text
+from brainvae.memmaps import mean_of_rows
 from brainvae.runtime import seed_everything
 
 from ..cohort import read_index, read_splits
@@ -78,16 +79,6 @@ def _set_deterministic(deterministic: bool, device: torch.device) -> None:
 def _rows_for(index: pd.DataFrame, splits: pd.DataFrame, split: str) -> list[int]:
     scans = set(splits.loc[splits["split"] == split, "scan"])
     return index.loc[index["scan"].isin(scans), "row"].astype(int).tolist()
-
-
-
-def _mean_volume(array_path: str | os.PathLike[str], rows: list[int]) -> np.ndarray:
-    """Voxel-wise mean of the given rows of a cohort array (float64 sum, one volume at a time)."""
-    array = np.load(array_path, mmap_mode="r")
-    total = np.zeros(array.shape[1:], dtype=np.float64)
-    for row in rows:
-        total += array[row]
-    return (total / max(len(rows), 1)).astype(np.float32)
 
 
 
@@ -488,7 +479,8 @@ def _train_in_group(ctx: DistributedContext, dev: torch.device, config: Mapping[
         val_sampler, val_batches = make_batches(val_ds, cfg, dev, shuffle=False, seed=seed, ctx=ctx)
     steps_per_epoch = math.ceil(len(train_sampler) / int(cfg["accumulate_steps"]))
     trainer = Trainer(cfg, dev, steps_per_epoch=steps_per_epoch,
-                      mean_image=_mean_volume(array_path, train_rows) if cfg["center"] else None, ctx=ctx)
+                      mean_image=(mean_of_rows(np.load(array_path, mmap_mode="r"), train_rows)
+                                  if cfg["center"] else None), ctx=ctx)
     model = trainer.model
 
     start_epoch, session, elapsed = 0, 1, 0.0
