@@ -274,3 +274,12 @@ def test_skull_stripping_asks_for_a_gpu_only_when_declared(tmp_path: Path) -> No
     declared, default = skullstrip_resources("cuda"), skullstrip_resources("auto")
     assert declared and all("gpu=1" in line for line in declared)
     assert default and all("gpu=0" in line or "gpu=" not in line for line in default)
+
+
+def test_cuda_problem_names_what_is_missing() -> None:
+    from brainvae.runtime import cuda_problem
+
+    assert "no usable CUDA GPU" in cuda_problem("cuda", 1, 0, "torch x, a CPU-only build")
+    assert "only 2 CUDA GPU(s) are visible" in cuda_problem("cuda:2", 1, 2, "torch x")
+    assert "4 GPUs were asked for" in cuda_problem("cuda", 4, 2, "torch x")
+    assert cuda_problem("cuda:1", 1, 2, "torch x") is None and cuda_problem("cuda", 2, 2, "torch x") is None

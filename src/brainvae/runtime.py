@@ -11,8 +11,8 @@ import random
 import sys
 from typing import Any
 
-__all__ = ["THREAD_VARIABLES", "DeviceError", "device_problems", "resolve_device", "seed_everything", "set_thread_count",
-           "visible_cuda_devices"]
+__all__ = ["THREAD_VARIABLES", "DeviceError", "cuda_problem", "device_problems", "resolve_device", "seed_everything",
+           "set_thread_count", "uses_cuda", "visible_cuda_devices"]
 
 #: Environment variables that ITK, OpenMP, OpenBLAS and MKL read for their thread pools.
 THREAD_VARIABLES = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -60,21 +60,34 @@ def resolve_device(device: str = "auto") -> Any:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
-        problem = _cuda_problem(dev, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                                torch.__version__, torch.version.cuda)
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        problem = cuda_problem(str(dev), 1, visible, _torch_description(torch.__version__, torch.version.cuda))
         if problem:
             raise DeviceError(problem)
     return dev
 
 
-def _cuda_problem(dev: Any, visible: int, torch_version: str, cuda_build: str | None) -> str | None:
+def uses_cuda(device: str) -> bool:
+    """Whether a configured device asks for a GPU (``cuda``, ``cuda:1``); ``auto`` does not."""
+    return str(device).split(":", 1)[0] == "cuda"
+
+
+def _torch_description(version: str, cuda_build: str | None) -> str:
+    return f"torch {version}, " + (f"CUDA {cuda_build} build" if cuda_build not in (None, "None") else "a CPU-only build")
+
+
+def cuda_problem(device: str, gpus: int, visible: int, description: str) -> str | None:
+    """Why ``device`` (``cuda`` or ``cuda:N``) with ``gpus`` GPUs cannot run where ``visible`` CUDA GPUs are
+    seen (``description``: torch's version and build); None when it can."""
     if visible == 0:
-        build = f"CUDA {cuda_build} build" if cuda_build else "a CPU-only build"
-        return (f"device {str(dev)!r} was asked for, but this machine has no usable CUDA GPU (torch {torch_version}, "
-                f"{build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run on a GPU "
-                "node, or set training.device: auto (CPU when there is no GPU) or cpu.")
-    if dev.index is not None and dev.index >= visible:
-        return f"device {str(dev)!r} was asked for, but only {visible} CUDA GPU(s) are visible"
+        return (f"device {device!r} was asked for, but this machine has no usable CUDA GPU ({description}; "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run on a GPU node (or "
+                "submit with the SLURM profile), or set device: auto (CPU when there is no GPU) or cpu.")
+    index = device.split(":", 1)[1] if ":" in device else None
+    if index is not None and int(index) >= visible:
+        return f"device {device!r} was asked for, but only {visible} CUDA GPU(s) are visible"
+    if gpus > visible:
+        return f"{gpus} GPUs were asked for, but this machine has {visible} CUDA GPU(s)"
     return None
 
 
@@ -91,7 +104,7 @@ def visible_cuda_devices(python: str | None = None, timeout: float = 120.0) -> t
     if out.returncode:
         return 0, f"torch failed to start: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
     count, version, cuda = out.stdout.split()
-    return int(count), f"torch {version}, {'CUDA ' + cuda + ' build' if cuda != 'None' else 'a CPU-only build'}"
+    return int(count), _torch_description(version, cuda)
 
 
 def device_problems(devices: dict[str, tuple[str, int]], python: str | None = None) -> list[str]:
@@ -99,17 +112,10 @@ def device_problems(devices: dict[str, tuple[str, int]], python: str | None = No
 
     Empty when no model asks for CUDA (then torch is not even started) or when this machine has the GPUs.
     """
-    wanted = {name: (device, gpus) for name, (device, gpus) in devices.items()
-              if str(device).split(":", 1)[0] == "cuda"}
+    wanted = {name: (device, gpus) for name, (device, gpus) in devices.items() if uses_cuda(device)}
     if not wanted:
         return []
     visible, description = visible_cuda_devices(python)
-    problems = []
-    for name, (device, gpus) in sorted(wanted.items()):
-        if visible == 0:
-            problems.append(f"{name}: device is {device!r} but this machine has no usable CUDA GPU "
-                            f"({description}); run on a GPU machine, submit with the SLURM profile, or set "
-                            "device: auto (CPU when there is no GPU)")
-        elif max(1, gpus) > visible:
-            problems.append(f"{name}: {gpus} GPUs asked for but this machine has {visible} CUDA GPU(s)")
-    return problems
+    problems = [(name, cuda_problem(str(device), max(1, gpus), visible, description))
+                for name, (device, gpus) in sorted(wanted.items())]
+    return [f"{name}: {problem}" for name, problem in problems if problem]

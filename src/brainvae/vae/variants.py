@@ -17,6 +17,7 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..runtime import uses_cuda
 from .config import RUN_DEFAULTS
 
 __all__ = ["NESTED", "RUN_KEYS", "cohort_split_labels", "gpus_per_node", "run_options", "run_problems",
@@ -73,11 +74,6 @@ def cohort_split_labels(per_variant: Iterable[Sequence[str] | None]) -> list[str
             return None
         union.update(str(v) for v in labels)
     return sorted(union)
-
-
-def uses_cuda(device: str) -> bool:
-    """Whether a configured device asks for a GPU (``cuda``, ``cuda:1``); ``auto`` does not."""
-    return str(device).split(":", 1)[0] == "cuda"
 
 
 def gpus_per_node(run: Mapping[str, Any]) -> int:
