@@ -200,6 +200,7 @@ def normative_step(
     mean. ``ds_strength``: the synthetic demo's (the true DS field), ``None`` when no truth is known.
     Returns the paths written, by name.
     """
+    from brainvae.analysis.features import latent_columns
     from brainvae.latents_table import read_latents
     from brainvae.runtime import resolve_device
     from brainvae.vae.cohort import read_index, read_splits
@@ -309,8 +310,7 @@ def normative_step(
 
     # Latents: the analysed scans' means, the euploid training scans (Mahalanobis reference).
     table, _ = read_latents(latents)
-    mu_columns = [c for c in table.columns if c.startswith("mu_")]
-    mu_columns.sort(key=lambda c: int(c.split("_")[1]))
+    mu_columns = latent_columns(table)
     by_scan = table.set_index(table["scan"].astype(str))
     missing = [s for s in analysed if s not in by_scan.index]
     if missing:
