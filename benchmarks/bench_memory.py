@@ -61,8 +61,10 @@ def _status_kb(field: str) -> int:
     return -1
 
 
-def write_cohort(out: Path, scans: int, shape: tuple[int, int, int], seed: int = 0) -> dict[str, int]:
-    """``cohort.npy`` (float32), ``cohort_mask.npy`` (uint8) and ``cohort_index.tsv``, a volume at a time."""
+def write_cohort(out: Path, scans: int, shape: tuple[int, int, int], seed: int = 0,
+                 dtype: str = "<f4") -> dict[str, int]:
+    """``cohort.npy`` (``dtype``, float32 by default), ``cohort_mask.npy`` (uint8) and ``cohort_index.tsv`` (scans
+    ``s00000``, ...), a volume at a time."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
@@ -75,7 +77,7 @@ def write_cohort(out: Path, scans: int, shape: tuple[int, int, int], seed: int =
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
     header = {"fortran_order": False, "shape": (scans, *shape)}
     with open(out / "cohort.npy", "wb") as fa, open(out / "cohort_mask.npy", "wb") as fm:
-        np.lib.format.write_array_header_1_0(fa, {**header, "descr": np.lib.format.dtype_to_descr(np.dtype("<f4"))})
+        np.lib.format.write_array_header_1_0(fa, {**header, "descr": np.lib.format.dtype_to_descr(np.dtype(dtype))})
         np.lib.format.write_array_header_1_0(fm, {**header, "descr": np.lib.format.dtype_to_descr(np.dtype("u1"))})
         for _ in range(scans):
             radii = rng.uniform(0.72, 0.86, 3).astype(np.float32)[:, None, None, None]
@@ -83,7 +85,7 @@ def write_cohort(out: Path, scans: int, shape: tuple[int, int, int], seed: int =
             mask = (((grid - centre) / radii) ** 2).sum(0) < 1.0
             vol = 1.0 + (rng.standard_normal(N_BASIS).astype(np.float32) * scale) @ basis
             vol = vol.reshape(shape) + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-            fa.write(np.where(mask, vol, 0.0).astype("<f4").tobytes())
+            fa.write(np.where(mask, vol, 0.0).astype(dtype).tobytes())
             fm.write(mask.astype(np.uint8).tobytes())
     (out / "cohort_index.tsv").write_text("row\tscan\n" + "".join(f"{i}\ts{i:05d}\n" for i in range(scans)))
     return {"cohort_array_bytes": (out / "cohort.npy").stat().st_size,

@@ -47,6 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from bench_memory import write_cohort as write_memmap_cohort  # noqa: E402
 from brainvae.resample import GRIDS  # noqa: E402
 from brainvae.vae.config import spatial_factor_for  # noqa: E402
 from brainvae.vae.trainer import train_vae_parallel  # noqa: E402
@@ -61,23 +62,10 @@ def grid_shape(name: str) -> tuple[int, int, int]:
 
 
 def write_cohort(folder: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> dict[str, Path]:
-    """``n`` smooth random volumes in an ellipsoidal mask: float16 memmap, uint8 masks, index and splits."""
-    from scipy import ndimage as ndi
-
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    inside = (grid ** 2).sum(0) <= 0.8
-    volumes = np.lib.format.open_memmap(folder / "cohort.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
-    masks = np.lib.format.open_memmap(folder / "cohort_mask.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
-    base = ndi.gaussian_filter(rng.standard_normal(shape), 2.0)
-    for i in range(n):
-        noise = ndi.gaussian_filter(rng.standard_normal(shape), 1.5)
-        volumes[i] = np.where(inside, 0.5 + 2.0 * base + noise, 0.0).astype(np.float16)
-        masks[i] = inside
-    volumes.flush()
-    masks.flush()
-    scans = [f"sub-{i:04d}_T1w" for i in range(n)]
-    pd.DataFrame({"row": range(n), "scan": scans}).to_csv(folder / "cohort_index.tsv", sep="\t", index=False)
+    """``n`` smooth random volumes in ellipsoidal masks (float16, as ``cohort_array`` writes them; the writer of
+    bench_memory.py), and splits: one in eight scans for validation, the rest for training."""
+    write_memmap_cohort(folder, n, shape, seed, dtype="<f2")
+    scans = pd.read_csv(folder / "cohort_index.tsv", sep="\t")["scan"].tolist()
     n_val = max(1, n // 8)
     split = ["train"] * (n - n_val) + ["val"] * n_val
     pd.DataFrame({"scan": scans, "split": split}).to_csv(folder / "splits.tsv", sep="\t", index=False)
