@@ -36,17 +36,47 @@ def test_regional_summary():
     assert a["fraction_abs_z_over_2"] == pytest.approx(0.5)
 
 
+def _inside(zmaps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return zmaps[:, mask]
+
+
 def test_group_map_finds_a_planted_difference_and_nothing_under_the_null():
     rng = np.random.default_rng(0)
     mask = np.ones((6, 6, 6), bool)
     a = rng.normal(size=(12, 6, 6, 6))
     b = rng.normal(size=(12, 6, 6, 6))
-    null = nm.group_map(a, b, mask, n_permutations=200, seed=1)
+    in_a = np.repeat([True, False], 12)
+    null = nm.group_map(_inside(np.concatenate([a, b]), mask), in_a, mask, n_permutations=200, seed=1)
     assert not null.significant.any()  # FWE 5 %: a null map is clean (with this seed)
     a[:, :2, :2, :2] += 3.0  # an effect of 3 sd in 8 voxels
-    found = nm.group_map(a, b, mask, n_permutations=200, seed=1)
+    found = nm.group_map(_inside(np.concatenate([a, b]), mask), in_a, mask, n_permutations=200, seed=1)
     assert found.significant[:2, :2, :2].all() and found.significant.sum() <= 10
     assert found.difference[:2, :2, :2].mean() == pytest.approx(3.0, abs=0.6)
+
+
+def test_group_map_by_blocks_from_a_memory_map_is_welch_t(tmp_path):
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((5, 6, 7)) > 0.3
+    values = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=np.float32,
+                                       shape=(15, int(mask.sum())))
+    values[:] = rng.normal(size=values.shape) * 2.0 + 50.0  # far from 0: the sums of squares must stay exact
+    values[:6] += 0.5
+    in_a = np.arange(15) < 6
+    in_b = np.arange(15) >= 8  # scans 6 and 7 are in neither group
+    whole = nm.group_map(values, in_a, mask, in_b=in_b, n_permutations=100, seed=2, block_voxels=10 ** 6)
+    blocks = nm.group_map(values, in_a, mask, in_b=in_b, n_permutations=100, seed=2, block_voxels=7)
+    expected = stats.ttest_ind(values[in_a], values[in_b], equal_var=False).statistic
+    np.testing.assert_allclose(whole.t[mask], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(blocks.t, whole.t, rtol=1e-5, atol=1e-5)
+    assert blocks.threshold == pytest.approx(whole.threshold, rel=1e-6)
+    np.testing.assert_allclose(whole.difference[mask], values[in_a].mean(0) - values[in_b].mean(0), atol=1e-4)
+    assert np.all(whole.t[~mask] == 0)
+    with pytest.raises(ValueError, match="voxels in the mask"):
+        nm.group_map(values[:, :-1], in_a, mask)
+    with pytest.raises(ValueError, match="both groups"):
+        nm.group_map(values, in_a, mask, in_b=np.ones(15, bool))
 
 
 def test_mahalanobis_and_error_scores():
@@ -73,3 +103,45 @@ def test_traversal_and_field_agreement():
     assert abs(nm.field_agreement(np.random.default_rng(0).normal(size=50), field, mask)) < 0.4
     with pytest.raises(ValueError):
         nm.traversal_direction(latents, ["eu"] * 4, "DS", "eu")
+
+
+def _linear_decoder(pattern: np.ndarray, rng: np.random.Generator, dims: int):
+    """decode(z) = mean + z[0] * pattern + z[1:] @ noise patterns: a decoder whose first latent axis makes the
+    known pattern."""
+    others = rng.normal(size=(dims - 1, pattern.size))
+    others *= np.linalg.norm(pattern) / np.linalg.norm(others, axis=1, keepdims=True)  # as strong as the pattern
+    basis = np.vstack([pattern.ravel(), others])
+
+    def decode(codes: np.ndarray) -> np.ndarray:
+        return (np.asarray(codes) @ basis).reshape(len(codes), *pattern.shape)
+
+    return decode
+
+
+def test_traversal_agreement_against_label_shuffles():
+    rng = np.random.default_rng(5)
+    pattern = np.zeros((8, 8, 8))
+    pattern[2:5, 2:5, 2:5] = -1.0
+    pattern[5:7, 5:7, 5:7] = 0.5
+    mask = np.ones(pattern.shape, bool)
+    decode = _linear_decoder(pattern, rng, 16)
+    labels = np.array(["DS"] * 15 + ["eu"] * 15)
+    latents = rng.normal(size=(30, 16))
+    with_effect = latents.copy()
+    with_effect[:15, 0] += 3.0  # the positive group lies along the pattern's axis
+    change = nm.traversal_change(with_effect, labels, "DS", "eu", -1.0, 3.0, decode)
+    found = nm.traversal_agreement(change, with_effect, labels, "DS", "eu", -1.0, 3.0, decode, pattern, mask,
+                                   n_permutations=99, seed=0)
+    assert found.correlation > 0.8 and found.p_value < 0.05 and found.agrees(0.05)
+    assert found.n_permutations == 99 and found.null_quantiles["q95"] < found.correlation
+    # No group effect (the labels say nothing about the latents): no agreement.
+    change = nm.traversal_change(latents, labels, "DS", "eu", -1.0, 3.0, decode)
+    none = nm.traversal_agreement(change, latents, labels, "DS", "eu", -1.0, 3.0, decode, pattern, mask,
+                                  n_permutations=99, seed=0)
+    assert none.p_value > 0.05 and not none.agrees(0.05)
+    # The opposite effect correlates negatively: never agreement.
+    against = latents.copy()
+    against[:15, 0] -= 3.0
+    change = nm.traversal_change(against, labels, "DS", "eu", -1.0, 3.0, decode)
+    assert not nm.traversal_agreement(change, against, labels, "DS", "eu", -1.0, 3.0, decode, pattern, mask,
+                                      n_permutations=99).agrees(0.05)
