@@ -13,12 +13,14 @@ import pytest
 
 from brainvae.analysis.normative import ReferenceStats, residual
 from brainvae.analysis.normative_steps import (
+    DEVIATION_SCORES,
     MIN_REFERENCE,
     REGION_NAMES,
     NormativeError,
+    expected_ds_change,
     grid_regions,
     normative_step,
-    true_ds_field,
+    resample_to_grid,
 )
 from brainvae.vae.cohort import make_splits, read_index, select_training
 from brainvae.vae.latents import export_latents
@@ -50,7 +52,7 @@ def _run(cohort: dict, out: Path, scans: pd.DataFrame | None = None, splits=None
     scans = cohort["index_df"][["scan", "label"]] if scans is None else scans
     return normative_step(cohort["model"], scans, cohort["array"], cohort["mask"], cohort["index"],
                           cohort["splits"] if splits is None else splits, cohort["latents"], out,
-                          affine=AFFINE, n_permutations=50, device="cpu", **kwargs)
+                          affine=AFFINE, n_permutations=50, traversal_permutations=20, device="cpu", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,11 @@ def test_every_output_with_shapes_and_names(cohort: dict, outputs) -> None:
     group = json.loads(paths["group_json"].read_text())
     assert group["n_permutations"] == 50 and np.isfinite(group["threshold"])
     agreement = json.loads(paths["agreement"].read_text())
-    assert agreement["ds_strength"] == 0.6 and agreement["voxels"] > 0
+    assert agreement["ds_strength"] == 0.6 and agreement["voxels"] > 0 and agreement["n_permutations"] == 20
     assert -1 <= agreement["correlation"] <= 1 and -1 <= agreement["observed_correlation"] <= 1
+    assert 1 / 21 <= agreement["p_value"] <= 1 and isinstance(agreement["agrees"], bool)
+    assert agreement["agrees"] == (agreement["correlation"] > 0 and agreement["p_value"] < 0.05)
+    assert set(agreement["null_quantiles"]) == {"q50", "q95", "q99"}
     print(f"normative step on {len(index)} scans of {SHAPE}: {seconds:.1f} s; "
           f"traversal agreement r = {agreement['correlation']:.3f}")
 
@@ -95,9 +100,9 @@ def test_deviation_scores_one_row_per_analysed_scan(cohort: dict, tmp_path: Path
     analysed = index[index["scan"].isin(index["scan"].iloc[::2])][["scan", "label"]]
     paths = _run(cohort, tmp_path)
     deviation = pd.read_csv(paths["deviation"], sep="\t")
-    assert list(deviation.columns) == ["scan", "label", "mahalanobis", "recon_error", "recon_error_z"]
+    assert list(deviation.columns) == ["scan", "label", "mse_mask", "latent_mahalanobis", "recon_error_z"]
     assert len(deviation) == len(index) and deviation["scan"].tolist() == index["scan"].tolist()
-    assert (deviation["mahalanobis"] > 0).all() and np.isfinite(deviation["recon_error_z"]).all()
+    assert (deviation["latent_mahalanobis"] > 0).all() and np.isfinite(deviation["recon_error_z"]).all()
     paths = _run(cohort, tmp_path / "half", scans=analysed)
     deviation = pd.read_csv(paths["deviation"], sep="\t")
     assert deviation["scan"].tolist() == analysed["scan"].tolist()
@@ -106,12 +111,12 @@ def test_deviation_scores_one_row_per_analysed_scan(cohort: dict, tmp_path: Path
     assert agreement["correlation"] is None and agreement["ds_strength"] is None and agreement["reason"]
 
 
-def test_reference_is_the_euploid_held_out_scans_only(cohort: dict, outputs) -> None:
+def test_reference_is_the_models_held_out_scans_only(cohort: dict, outputs) -> None:
     paths, _ = outputs
     index, splits = cohort["index_df"], cohort["splits_df"]
     label = dict(zip(index["scan"], index["label"]))
-    held_out = sorted(s for s, sp in zip(splits["scan"], splits["split"]) if sp in ("val", "test")
-                      and label[s] == "euploid")
+    held_out = sorted(s for s, sp in zip(splits["scan"], splits["split"]) if sp in ("val", "test"))
+    assert {label[s] for s in held_out} == {"euploid"}  # the model learnt from euploid scans only
     reference = pd.read_csv(paths["reference_scans"], sep="\t")
     assert reference["scan"].tolist() == held_out and len(held_out) >= MIN_REFERENCE
     # The reference mean is the mean residual of exactly these scans (not of training or DS scans).
@@ -137,7 +142,12 @@ def test_reference_is_the_euploid_held_out_scans_only(cohort: dict, outputs) -> 
     assert not np.allclose(written, mean_residual(held_out[:-1] + ds[:1]), atol=1e-5)
 
 
-def test_too_few_euploid_held_out_scans_is_a_named_error(cohort: dict, tmp_path: Path) -> None:
+def test_positive_among_the_models_labels_is_a_named_error(cohort: dict, tmp_path: Path) -> None:
+    with pytest.raises(NormativeError, match="labels the model learnt from"):
+        _run(cohort, tmp_path, normative_labels=["euploid", "DS"])
+
+
+def test_too_few_held_out_scans_is_a_named_error(cohort: dict, tmp_path: Path) -> None:
     splits = cohort["splits_df"].copy()
     held = splits.index[splits["split"].isin(["val", "test"])]
     splits.loc[held[MIN_REFERENCE - 1:], "split"] = "train"
@@ -145,15 +155,26 @@ def test_too_few_euploid_held_out_scans_is_a_named_error(cohort: dict, tmp_path:
         _run(cohort, tmp_path, splits=splits)
 
 
-def test_regions_and_ds_field_on_the_demo_grid() -> None:
+def test_regions_and_expected_ds_change_on_the_demo_grid() -> None:
     from brainvae.resample import GRIDS
+    from brainvae.templates import mni152_brain
 
     grid = GRIDS["demo"]
     labels = grid_regions(grid.shape, grid.affine)
     assert labels.shape == tuple(grid.shape) and set(np.unique(labels)) == {0, *REGION_NAMES}
-    field = true_ds_field(0.6, grid.shape, grid.affine)
-    # DS ventricles are larger: the pull-back's log-Jacobian is negative there on average.
-    assert field[labels == 2].mean() < 0 < np.abs(field).max()
+    brain = mni152_brain(2)
+    image = resample_to_grid(np.asarray(brain.dataobj, np.float32), brain.affine, grid.shape, grid.affine, order=1)
+    change = expected_ds_change(image, grid.affine)
+    # DS ventricles are larger: dark CSF spreads into the tissue around them, so the image darkens there.
+    from scipy import ndimage
+
+    ventricles = labels == 2
+    around = ndimage.binary_dilation(ventricles) & ~ventricles
+    assert change[around].mean() < 0 and (change[around] < 0).mean() > 0.9
+    # The change is the image pulled back through the DS field, so a flat image does not change, nor does any
+    # image at ds_strength 0.
+    assert np.abs(expected_ds_change(np.full(grid.shape, 3.0), grid.affine)).max() < 1e-5
+    assert np.abs(expected_ds_change(image, grid.affine, ds_strength=0.0)).max() == 0
 
 
 def test_workflow_plans_the_normative_rule_once_per_model(tmp_path: Path) -> None:
@@ -184,18 +205,35 @@ def test_workflow_leaves_the_normative_rule_out_without_both_labels(tmp_path: Pa
     config.write_text(yaml.safe_dump(data))
     result = snakemake(tmp_path, config, "--dry-run")
     assert "normative_maps" not in planned_jobs(result.stdout + result.stderr)
-    assert "normative maps left out" in result.stderr and "'trisomy'" in result.stderr
+    assert "left out: it needs two or more analysed scans" in result.stderr and "'trisomy'" in result.stderr
 
 
-def test_deviation_scores_agree_with_the_latents_table(cohort: dict, outputs) -> None:
-    # The model learnt from euploid scans only, so the euploid references are its train and val/test splits:
-    # the scores equal the latents table's own deviation columns (brainvae.vae.latents.deviation_columns).
+def test_workflow_leaves_out_a_model_that_learnt_from_the_positive_label(tmp_path: Path) -> None:
+    import yaml
+
+    from test_workflow import demo_config, planned_jobs, snakemake
+
+    config = demo_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    first, *rest = data["models"]
+    data["models"][first] = {**(data["models"][first] or {}), "train_labels": None}  # every label, DS too
+    config.write_text(yaml.safe_dump(data))
+    result = snakemake(tmp_path, config, "--dry-run")
+    assert planned_jobs(result.stdout + result.stderr).get("normative_maps", 0) == len(rest)
+    assert f"normative maps of model {first} left out: it learnt from 'DS' scans" in result.stderr
+
+
+def test_deviation_scores_are_the_latents_tables(cohort: dict, outputs) -> None:
+    # One definition of the scores (brainvae.vae.latents.deviation_columns): the stage copies them per scan, and
+    # its own reconstructions of the reference scans have the table's errors.
     from brainvae.latents_table import read_latents
 
     paths, _ = outputs
     table, _ = read_latents(cohort["latents"])
-    joined = pd.read_csv(paths["deviation"], sep="\t").merge(table, on="scan", suffixes=("", "_table"))
-    assert len(joined) == len(cohort["index_df"])
-    np.testing.assert_allclose(joined["mahalanobis"], joined["latent_mahalanobis"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(joined["recon_error_z"], joined["recon_error_z_table"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(joined["recon_error"], joined["mse_mask"], rtol=1e-4)
+    deviation = pd.read_csv(paths["deviation"], sep="\t")
+    joined = deviation.merge(table, on="scan", suffixes=("", "_table"))
+    assert len(joined) == len(cohort["index_df"]) and list(deviation.columns[2:]) == list(DEVIATION_SCORES)
+    for column in DEVIATION_SCORES:
+        np.testing.assert_allclose(joined[column], joined[f"{column}_table"], rtol=1e-5)
+    reference = pd.read_csv(paths["reference_scans"], sep="\t").merge(table, on="scan", suffixes=("", "_table"))
+    np.testing.assert_allclose(reference["mse_mask"], reference["mse_mask_table"], rtol=1e-3)

@@ -63,8 +63,9 @@ rule normative_maps:
         grid=GRID,
         splits=ANALYSIS["splits"],
         positive=NORMATIVE["positive"],
-        negative=NORMATIVE["negative"],
+        normative_labels=lambda wildcards: NORMATIVE_LABELS[wildcards.model],
         n_permutations=NORMATIVE["n_permutations"],
+        traversal_permutations=NORMATIVE["traversal_permutations"],
         alpha=NORMATIVE["alpha"],
         traversal_steps=NORMATIVE["traversal_steps"],
         interpolation_steps=NORMATIVE["interpolation_steps"],
@@ -81,16 +82,26 @@ rule normative_maps:
         "../scripts/normative_maps.py"
 
 
-# The group map and traversal need two or more scans of each label among the datasets analysed; without them
-# (e.g. a cohort without DS) the stage is left out with a note instead of failing after training.
+# The group map and traversal need two or more analysed scans of the positive label and of the model's normative
+# population (the labels it learnt from); without them (e.g. a cohort without DS, or a model that learnt from every
+# label) the stage is left out with a note instead of failing after training.
 _analysed = SAMPLES.loc[COHORT_SCANS]
 _analysed = _analysed[_analysed["analyse"].astype(str).isin(["True", "true", "1"])]["label"].astype(str)
-_normative_counts = {label: int((_analysed == label).sum()) for label in (NORMATIVE["positive"], NORMATIVE["negative"])}
-NORMATIVE_RUNS = NORMATIVE["enabled"] and min(_normative_counts.values()) >= 2
-if NORMATIVE["enabled"] and not NORMATIVE_RUNS and workflow.is_main_process:
-    print(f"brainvae: normative maps left out: they need two or more scans of each of "
-          f"{', '.join(map(repr, _normative_counts))} in the analysed datasets (got {_normative_counts})",
-          file=sys.stderr)
+NORMATIVE_LABELS = {model: sorted(_analysed.unique()) if MODEL_TRAIN_LABELS[model] is None
+                    else [str(label) for label in MODEL_TRAIN_LABELS[model]] for model in MODELS}
+NORMATIVE_MODELS = []
+for _model in MODELS if NORMATIVE["enabled"] else []:
+    _counts = {NORMATIVE["positive"]: int((_analysed == NORMATIVE["positive"]).sum()),
+               "/".join(NORMATIVE_LABELS[_model]): int(_analysed.isin(NORMATIVE_LABELS[_model]).sum())}
+    if NORMATIVE["positive"] in NORMATIVE_LABELS[_model]:
+        _why = f"it learnt from {NORMATIVE['positive']!r} scans (train_labels), so they are not compared with it"
+    elif min(_counts.values()) < 2:
+        _why = f"it needs two or more analysed scans of each of {', '.join(map(repr, _counts))} (got {_counts})"
+    else:
+        NORMATIVE_MODELS.append(_model)
+        continue
+    if workflow.is_main_process:
+        print(f"brainvae: normative maps of model {_model} left out: {_why}", file=sys.stderr)
 
 # Final outputs of this stage, requested by rule all.
-NORMATIVE_TARGETS = [*expand(rules.normative_maps.output, model=MODELS)] if NORMATIVE_RUNS else []
+NORMATIVE_TARGETS = [*expand(rules.normative_maps.output, model=NORMATIVE_MODELS)]

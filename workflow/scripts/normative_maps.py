@@ -14,12 +14,13 @@ with job_logging(snakemake.log[0], snakemake.threads) as log:
 
     i, p = snakemake.input, snakemake.params
     # The scans the prediction tasks analyse: this model's own split of every scan, from its latents table.
-    split_table = read_latents(i.latents)[0][["scan", "split"]]
-    scans = select_scans(read_scan_table(i.scans), [split_table], p.splits)
+    latents = read_latents(i.latents)[0]
+    scans = select_scans(read_scan_table(i.scans), [latents[["scan", "split"]]], p.splits)
     log.info("%d analysed scans: %s", len(scans), scans["label"].value_counts().to_dict())
-    paths = normative_step(Path(i.model).parent, scans, i.array, i.mask, i.index, i.splits, i.latents,
+    paths = normative_step(Path(i.model).parent, scans, i.array, i.mask, i.index, i.splits, latents,
                            Path(snakemake.output.deviation).parent, affine=GRIDS[p.grid].affine,
-                           positive=p.positive, negative=p.negative, n_permutations=p.n_permutations,
+                           positive=p.positive, normative_labels=p.normative_labels,
+                           n_permutations=p.n_permutations, traversal_permutations=p.traversal_permutations,
                            alpha=p.alpha, traversal_steps=p.traversal_steps,
                            interpolation_steps=p.interpolation_steps, ds_strength=p.ds_strength,
                            device=p.device, seed=p.seed)
