@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_memory.py [--scans 1000] [--shape 80 96 80] [--train-fraction 0.7]
-        [--components 32] [--test 50] [--threads 1] [--stages ...] [--json benchmarks/results/memory.json]
+        [--components 32] [--test 50] [--threads 1] [--permutations 100] [--stages ...]
+        [--json benchmarks/results/memory.json]
 
 Writes a synthetic cohort of ``--scans`` volumes on the 2 mm grid (80 x 96 x 80, float32, as
 ``cohort.npy`` with a uint8 ``cohort_mask.npy`` and an index) to a temporary directory under /tmp,
@@ -25,7 +26,13 @@ after the imports) and its wall time:
 * ``voxel_features_subset``: the same for a shuffled 90 % of the scans (``align_rows`` then makes
   the one reordered copy);
 * ``voxel_pca_report``: ``fit_pca`` of the voxel matrix (the descriptive PCA of rule
-  ``analysis_pca_voxels``, 20 components).
+  ``analysis_pca_voxels``, 20 components);
+* ``normative_group_map``: :func:`brainvae.analysis.normative.group_map` with ``--permutations`` label
+  permutations on the voxel matrix as the scans x brain-voxels z values (read through
+  :class:`brainvae.memmaps.MatrixFile`, as rule ``normative_maps`` does), first half of the scans against the
+  second;
+* ``normative_group_map_before``: the implementation before (every z-map on the grid in memory, float64 copies
+  of both groups, one Welch t per permutation), for comparison.
 
 The cohort files are freshly written, so they are read from the page cache. The JSON (default
 ``benchmarks/results/memory.json``) holds the command, the sizes (cohort array, masks, voxel matrix)
@@ -50,7 +57,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("evaluate_pca", "evaluate_pca_before", "voxel_matrix", "voxel_features", "voxel_features_subset",
-          "voxel_pca_report")
+          "voxel_pca_report", "normative_group_map", "normative_group_map_before")
 N_BASIS = 48
 
 
@@ -166,6 +173,47 @@ def run_stage(stage: str, cohort: Path, args: argparse.Namespace) -> dict:
             out["row_space_shape"] = list(V.shape)
         out.update(wall_s=time.perf_counter() - t0, scans=int(aligned.shape[0]), voxels=int(aligned.shape[1]),
                    copied=not isinstance(aligned, np.memmap))
+    elif stage in ("normative_group_map", "normative_group_map_before"):
+        from brainvae.memmaps import MatrixFile
+
+        values = MatrixFile(cohort / "voxels.npy") if stage == "normative_group_map" else np.load(
+            cohort / "voxels.npy", mmap_mode="r")
+        n_scans = values.shape[0]
+        in_a = np.arange(n_scans) < n_scans // 2
+        out["baseline_rss_mib"] = _status_kb("VmRSS") / 1024
+        t0 = time.perf_counter()
+        if stage == "normative_group_map":
+            from brainvae.analysis.normative import group_map
+
+            result = group_map(values, in_a, np.ones(values.shape[1], bool), n_permutations=args.permutations)
+            threshold = result.threshold
+        else:
+            # The code before: the z-maps of every analysed scan on the grid in memory, float64 copies of each
+            # group inside the mask, one Welch t over the pooled copy per permutation.
+            mask = np.asarray(np.load(cohort / "cohort_mask.npy", mmap_mode="r")[0]) >= 0  # the whole grid
+            inside = np.zeros(mask.shape, bool)
+            inside.reshape(-1)[: values.shape[1]] = True
+            zmaps = np.zeros((n_scans, *mask.shape), np.float32)
+            for i in range(n_scans):
+                zmaps[i][inside] = values[i]
+
+            def welch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                va, vb = a.var(axis=0, ddof=1), b.var(axis=0, ddof=1)
+                se = np.sqrt(va / len(a) + vb / len(b))
+                return np.divide(a.mean(axis=0) - b.mean(axis=0), se, out=np.zeros(se.shape), where=se > 0)
+
+            a = np.asarray(zmaps[in_a], np.float64)[:, inside]
+            b = np.asarray(zmaps[~in_a], np.float64)[:, inside]
+            pooled = np.concatenate([a, b])
+            welch(a, b)
+            rng = np.random.default_rng(0)
+            maxima = np.empty(args.permutations)
+            for i in range(args.permutations):
+                order = rng.permutation(len(pooled))
+                maxima[i] = np.abs(welch(pooled[order[: len(a)]], pooled[order[len(a):]])).max()
+            threshold = float(np.quantile(maxima, 0.95))
+        out.update(wall_s=time.perf_counter() - t0, scans=int(n_scans), voxels=int(values.shape[1]),
+                   permutations=args.permutations, threshold=float(threshold))
     else:
         raise SystemExit(f"unknown stage {stage!r}")
     return out
@@ -178,7 +226,7 @@ def measure(stage: str, cohort: Path, args: argparse.Namespace) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     command = [sys.executable, __file__, "--child", stage, "--cohort", str(cohort),
                "--train-fraction", str(args.train_fraction), "--components", str(args.components),
-               "--test", str(args.test)]
+               "--test", str(args.test), "--permutations", str(args.permutations)]
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
@@ -198,6 +246,8 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=32)
     parser.add_argument("--test", type=int, default=50, help="test rows reconstructed by the PCA baseline")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads of each stage")
+    parser.add_argument("--permutations", type=int, default=100,
+                        help="label permutations of the normative group map stages (time grows with them, memory not)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--tmp", type=Path, default=Path("/tmp"), help="where the temporary cohort is written")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "memory.json")
@@ -213,7 +263,8 @@ def main() -> None:
 
     shape = tuple(args.shape)
     stages = [s for s in STAGES if s in args.stages]
-    if any(s.startswith("voxel_") and s != "voxel_matrix" for s in stages) and "voxel_matrix" not in stages:
+    if (any((s.startswith("voxel_") and s != "voxel_matrix") or s.startswith("normative_") for s in stages)
+            and "voxel_matrix" not in stages):
         stages.insert(0, "voxel_matrix")  # the voxel stages read its matrix
     workdir = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=args.tmp))
     try:

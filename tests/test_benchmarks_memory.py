@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"evaluate_pca", "evaluate_pca_before", "voxel_matrix", "voxel_features", "voxel_features_subset",
-          "voxel_pca_report"}
+          "voxel_pca_report", "normative_group_map", "normative_group_map_before"}
 
 
 def test_bench_memory_small_mode_writes_every_stage(tmp_path: Path) -> None:
@@ -29,4 +29,6 @@ def test_bench_memory_small_mode_writes_every_stage(tmp_path: Path) -> None:
     assert pca["train_rows"] == 8 and pca["test_rows"] == 3 and 1 <= pca["components"] <= 8
     assert result["stages"]["voxel_features"]["row_space_shape"][0] == 12
     assert result["stages"]["voxel_features_subset"]["copied"] is True
+    for stage in ("normative_group_map", "normative_group_map_before"):
+        assert result["stages"][stage]["permutations"] == 100 and result["stages"][stage]["scans"] == 12
     assert not list(tmp_path.glob("bench_memory_*"))  # the temporary cohort is deleted

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from brainvae.deviation import mahalanobis_scores, zscores  # noqa: F401  (part of this module's API)
+from brainvae.memmaps import release_pages
 
-__all__ = ["GROUP_MAP_BLOCK_VOXELS", "GroupMap", "ReferenceStats", "TraversalAgreement", "field_agreement",
+__all__ = ["GROUP_MAP_BLOCK_MIB", "GroupMap", "ReferenceStats", "TraversalAgreement", "field_agreement",
            "group_map", "mahalanobis_scores", "regional_summary", "residual", "traversal_agreement",
            "traversal_change", "traversal_codes", "traversal_direction", "zmap", "zscores"]
 
@@ -99,9 +100,10 @@ class GroupMap:
     significant: np.ndarray
 
 
-#: Voxels per block of the group map's permutation test: memory is (permutations + scans) x block x 8 bytes, so
-#: it stays near 100 MB for 1,000 permutations whatever the grid and the number of scans.
-GROUP_MAP_BLOCK_VOXELS = 8192
+#: Memory (MiB) of one block of the group map's permutation test: the voxels per block follow from it (about a
+#: dozen float64 arrays of permutations x block voxels, three of scans x block voxels), so the peak stays near
+#: this whatever the grid, the number of scans and of permutations.
+GROUP_MAP_BLOCK_MIB = 256
 
 
 def _welch_t_from_sums(n_a: int, n_b: int, sum_a, sum_b, sq_a, sq_b):
@@ -115,11 +117,12 @@ def _welch_t_from_sums(n_a: int, n_b: int, sum_a, sum_b, sq_a, sq_b):
 
 def group_map(values: np.ndarray, in_a: np.ndarray, mask: np.ndarray, *, in_b: np.ndarray | None = None,
               n_permutations: int = 1000, alpha: float = 0.05, seed: int = 0,
-              block_voxels: int = GROUP_MAP_BLOCK_VOXELS) -> GroupMap:
+              block_voxels: int | None = None) -> GroupMap:
     """Group difference of z-maps with a permutation max-|t| threshold (FWE ``alpha``; Nichols & Holmes 2002).
 
-    ``values``: (scans, voxels inside ``mask``), e.g. a memory map on disk: it is read one block of voxels at a
-    time, so the z-maps of thousands of scans never need to fit in memory. ``in_a`` / ``in_b``: boolean masks
+    ``values``: (scans, voxels inside ``mask``): an array, or a :class:`brainvae.memmaps.MatrixFile` on disk. It
+    is read one block of voxels at a time (``values[:, lo:hi]``), so the z-maps of thousands of scans never need to
+    fit in memory. ``in_a`` / ``in_b``: boolean masks
     of the scans of each group (``in_b`` defaults to every scan not in ``in_a``; scans in neither are left
     out). The group labels are shuffled over the pooled scans, the same shuffles for every block, and the
     (1 - alpha) quantile of the largest |t| over the mask is the threshold.
@@ -143,11 +146,15 @@ def group_map(values: np.ndarray, in_a: np.ndarray, mask: np.ndarray, *, in_b: n
     for i in range(n_permutations):
         membership[i + 1, rng.permutation(len(pooled))[:n_a]] = 1.0
     complement = 1.0 - membership
+    if block_voxels is None:
+        per_voxel = 8 * (12 * (n_permutations + 1) + 3 * len(pooled))
+        block_voxels = max(64, GROUP_MAP_BLOCK_MIB * 2 ** 20 // per_voxel)
     t_observed = np.zeros(values.shape[1])
     difference = np.zeros(values.shape[1])
     maxima = np.zeros(n_permutations)
     for lo in range(0, values.shape[1], block_voxels):
-        block = np.asarray(values[pooled, lo:lo + block_voxels], np.float64)
+        block = np.asarray(values[:, lo:lo + block_voxels], np.float64)[pooled]
+        release_pages(values)  # a memory map's read pages leave the resident set (whole rows would stay)
         block = block - block.mean(axis=0)  # t is shift-invariant; centring keeps the sums of squares exact
         squares = block ** 2
         sum_a, sq_a = membership @ block, membership @ squares

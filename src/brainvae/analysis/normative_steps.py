@@ -53,6 +53,7 @@ from brainvae.analysis.normative import (
 )
 from brainvae.io import atomic_path, atomic_write_text
 from brainvae.latents_table import DEVIATION_COLUMNS
+from brainvae.memmaps import MatrixFile
 
 __all__ = ["DEVIATION_SCORES", "MIN_REFERENCE", "REGION_NAMES", "NormativeError", "expected_ds_change",
            "grid_regions", "normative_step", "resample_to_grid", "summary_lines"]
@@ -288,7 +289,7 @@ def normative_step(
                                                   "mse_mask": ref_mse}), out / "reference_scans.tsv")
 
     # Analysed scans: residual and z-maps, regional summary. The z values inside the reference mask go to a
-    # memory map on disk (scans x voxels), which the group map reads a block of voxels at a time.
+    # scans x voxels file on disk, which the group map reads a block of voxels at a time.
     regions = grid_regions(shape, affine)
     rows = [row_of[s] for s in analysed]
     scan_of_row = dict(zip(rows, analysed))
@@ -297,27 +298,24 @@ def normative_step(
     group_sums = {positive: np.zeros(shape, np.float64), normative_name: np.zeros(shape, np.float64)}
     summaries = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".zmaps-") as scratch:
-        zvalues = np.lib.format.open_memmap(Path(scratch) / "z.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(rows), int(inside.sum())))
+        zvalues = MatrixFile(Path(scratch) / "z.npy", (len(rows), int(inside.sum())), np.float32)
         for r, x, y in reconstruct(model, array, rows, device=dev, batch_size=batch_size):
             scan = scan_of_row[r]
             i = position[scan]
             m = np.asarray(masks[r]) > 0
             resid = residual(x, y, m)
             z = zmap(resid, reference, m)
-            zvalues[i] = z[inside]
+            zvalues.write_row(i, z[inside])
             mean_image += x
             if groups[i]:
                 group_sums[groups[i]] += x
             _nifti(resid, affine, maps_dir / f"{scan}_desc-residual_T1w.nii.gz")
             _nifti(z, affine, maps_dir / f"{scan}_desc-zmap_T1w.nii.gz")
             summaries.append(regional_summary(z, regions, REGION_NAMES).assign(scan=scan, label=labels[i]))
-        zvalues.flush()
-
         # Group map: mean z of positive minus the normative population, Welch t, FWE threshold.
         group = group_map(zvalues, is_pos, inside, in_b=is_neg, n_permutations=n_permutations, alpha=alpha,
                           seed=seed)
-        del zvalues
+        zvalues.close()
     mean_image /= max(len(rows), 1)
     paths["maps"] = maps_dir
     regional = pd.concat(summaries, ignore_index=True)
