@@ -48,6 +48,8 @@ def test_defaults_are_filled(schema):
     (lambda c: c["conform"].__setitem__("volume_index", -1), "conform.volume_index"),
     (lambda c: c["datasets"][1].__setitem__("name", "IXI"), "dataset name 'IXI' is used more than once"),
     (lambda c: c["conform"].__setitem__("min_voxel_mm", 9.0), "conform.min_voxel_mm"),
+    (lambda c: c["analysis"]["normative"].__setitem__("negative", "euploid"),
+     "analysis.normative.negative: removed: a model's normative population is the labels it learns from"),
 ])
 def test_errors_name_the_bad_key(default_config, schema, mutate, expected):
     config = copy.deepcopy(default_config)

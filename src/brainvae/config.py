@@ -56,6 +56,13 @@ def load_schema(schema_path: str | Path) -> dict:
         return yaml.safe_load(handle)
 
 
+#: Keys of earlier versions, by dotted path: what replaces them (named in the error instead of "unknown key").
+REMOVED_KEYS = {
+    "analysis.normative.negative": "removed: a model's normative population is the labels it learns from "
+                                   "(cohort.train_labels, or models.<name>.train_labels)",
+}
+
+
 def validate_config(config: dict[str, Any], schema: dict | str | Path) -> dict[str, Any]:
     """Validate ``config`` in place, fill defaults and return it; raise ConfigError naming every bad key."""
     if not isinstance(schema, dict):
@@ -72,8 +79,8 @@ def validate_config(config: dict[str, Any], schema: dict | str | Path) -> dict[s
             if error.validator == "additionalProperties":
                 # jsonschema reports the parent; name the unknown key(s) themselves.
                 extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-                where = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
-                lines.append(f"config key {where}: unknown key (typo?)")
+                for key in (f"{where}.{k}" if where != "<top level>" else k for k in extra):
+                    lines.append(f"config key {key}: {REMOVED_KEYS.get(key, 'unknown key (typo?)')}")
             else:
                 lines.append(f"config key {where}: {error.message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
