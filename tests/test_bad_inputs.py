@@ -36,7 +36,7 @@ import yaml
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from test_workflow import REPO, planned_jobs
-from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_PREPROCESS, TINY_SITES, TINY_TRAINING
+from test_workflow_pipeline import MODEL, TINY_ANALYSIS, TINY_COHORT, TINY_PREPROCESS, TINY_SITES, TINY_TRAINING
 
 PROFILE = REPO / "workflow" / "profiles" / "default"
 MNI = "space-MNI152NLin2009aSym_res-demo"
@@ -195,6 +195,7 @@ def tiny_config(workdir: Path, extra_datasets: list[dict]) -> dict:
     config["demo"]["session_fraction"] = 0.1
     config["preprocess"] = {**config["preprocess"], **TINY_PREPROCESS}
     config["analysis"] = {**config.get("analysis", {}), **TINY_ANALYSIS}
+    config["cohort"] = {**config["cohort"], **TINY_COHORT}
     config["training"] = {**config.get("training", {}), **TINY_TRAINING}
     config["models"] = {MODEL: {}}
     config["datasets"] += extra_datasets

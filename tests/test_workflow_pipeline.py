@@ -39,9 +39,12 @@ NATIVE_DATASETS = ["IXI", "ABCDS"]
 TEMPLATE_DATASETS = ["HCP", "SantPau"]
 # One thread per preprocessing job: with --cores 2, two scans at a time keep both cores busy.
 TINY_PREPROCESS = {"threads": 1}
-# Normative maps off: 7 training subjects can leave a model fewer than the 3 euploid val/test scans the normative
-# reference needs (brainvae.analysis.normative_steps.MIN_REFERENCE); tests/test_normative_steps.py covers the stage.
-TINY_ANALYSIS = {"outer_repeats": 1, "permutations": 3, "random_forest_trees": 10, "normative": {"enabled": False}}
+# Normative maps with few permutations (the stage's numbers: tests/test_normative_steps.py).
+TINY_ANALYSIS = {"outer_repeats": 1, "permutations": 3, "random_forest_trees": 10,
+                 "normative": {"n_permutations": 20, "traversal_permutations": 10}}
+# Half of the 7 training subjects held out (the default 15 % + 15 % would leave fewer than the 3 val/test scans the
+# normative reference needs, brainvae.analysis.normative_steps.MIN_REFERENCE).
+TINY_COHORT = {"split_fractions": [0.5, 0.25, 0.25]}
 
 
 
@@ -452,11 +455,32 @@ def test_tasks_table_with_baselines_permutations_and_external_rows(pipeline):
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
 
 
+def test_normative_maps_of_the_model(pipeline):
+    """The rule's wiring: the model's held-out scans as the reference, a map per analysed scan, and no truth to
+    test the traversal against (the messy dataset is not synthetic)."""
+    out = pipeline["results"] / "normative" / MODEL
+    splits = read_splits(pipeline["model"] / "splits.tsv")
+    reference = _tsv(out / "reference_scans.tsv")
+    assert sorted(reference["scan"]) == sorted(splits.loc[splits["split"].isin(["val", "test"]), "scan"])
+    deviation = _tsv(out / "deviation_scores.tsv")
+    latents = pd.read_parquet(pipeline["results"] / "latents" / f"{MODEL}.parquet")
+    unseen = set(latents.loc[latents["split"] == "none", "scan"])
+    analysed = set(latents.loc[latents["dataset"] == "SantPau", "scan"])
+    assert analysed <= set(deviation["scan"]) <= unseen and len(analysed) >= TINY_SITES["SantPau"]["subjects"]
+    for scan in deviation["scan"]:
+        assert (out / "maps" / f"{scan}_desc-zmap_T1w.nii.gz").exists(), scan
+    group = json.loads((out / "group_map.json").read_text())
+    assert group["negative"] == "euploid" and group["n_permutations"] == TINY_ANALYSIS["normative"]["n_permutations"]
+    agreement = json.loads((out / "traversal_agreement.json").read_text())
+    assert agreement["correlation"] is None and "not the synthetic demo" in agreement["reason"]
+
+
 def test_report_holds_qc_and_the_analysis(pipeline, tmp_path):
     report = tmp_path / "report.html"
     snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
     html = report.read_text(errors="replace")
-    for section in ("Latent space (PCA)", "Prediction tasks", "Site check", "Tables", "Quality control"):
+    for section in ("Latent space (PCA)", "Prediction tasks", "Site check", "Tables", "Quality control",
+                    "Normative maps"):
         assert section in html, section
     # The QC page: the QC table and every scan's picture.
     samples = pd.read_csv(pipeline["results"] / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -479,7 +503,7 @@ def test_report_renders_in_a_headless_browser(pipeline, tmp_path):
     snakemake(pipeline["workdir"], pipeline["configfile"], "--report", str(report))
     page = open_report(report)
     assert page["title"] == "Snakemake Report"
-    for section in ("Latent space (PCA)", "Prediction tasks", "Quality control", "VAE"):
+    for section in ("Latent space (PCA)", "Prediction tasks", "Quality control", "VAE", "Normative maps"):
         assert section in page["text"], page["text"][:500]
     assert page["images"] >= 10 and page["loaded"] == page["images"] and not page["broken"], page
     assert page["console_errors"] == [], page["console_errors"]
