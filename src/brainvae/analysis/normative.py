@@ -20,7 +20,8 @@ import pandas as pd
 from brainvae.deviation import mahalanobis_scores, zscores  # noqa: F401  (part of this module's API)
 from brainvae.memmaps import release_pages
 
-__all__ = ["GROUP_MAP_BLOCK_MIB", "GroupMap", "ReferenceStats", "TraversalAgreement", "field_agreement",
+__all__ = ["GROUP_MAP_BLOCK_MIB", "GroupMap", "ReferenceStats", "TraversalAgreement", "class_traversal",
+           "field_agreement",
            "group_map", "mahalanobis_scores", "regional_summary", "residual", "traversal_agreement",
            "traversal_change", "traversal_codes", "traversal_direction", "zmap", "zscores"]
 
@@ -217,15 +218,22 @@ class TraversalAgreement:
         return bool(np.isfinite(self.correlation) and self.correlation > 0 and self.p_value < alpha)
 
 
+def class_traversal(latents: np.ndarray, labels: Sequence[str], positive: str, negative: str,
+                    steps: Sequence[float]) -> tuple[np.ndarray, float]:
+    """Codes (one row per step) from the ``negative`` mean latent towards the ``positive`` one, at ``steps``
+    multiples of the distance between the two means, and that distance."""
+    labels = np.asarray(labels).astype(str)
+    latents = np.asarray(latents, np.float64)
+    direction = traversal_direction(latents, labels, positive, negative)
+    start = latents[labels == negative].mean(axis=0)
+    distance = float(np.linalg.norm(latents[labels == positive].mean(axis=0) - start))
+    return traversal_codes(start, direction, np.asarray(steps, np.float64) * distance), distance
+
+
 def traversal_change(latents: np.ndarray, labels: Sequence[str], positive: str, negative: str,
                      first: float, last: float, decode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Decoded image at step ``last`` minus that at step ``first`` (multiples of the distance between the class
-    means) along the traversal from the ``negative`` mean towards the ``positive`` mean."""
-    labels = np.asarray(labels).astype(str)
-    direction = traversal_direction(latents, labels, positive, negative)
-    start = np.asarray(latents, np.float64)[labels == negative].mean(axis=0)
-    distance = float(np.linalg.norm(np.asarray(latents, np.float64)[labels == positive].mean(axis=0) - start))
-    decoded = decode(traversal_codes(start, direction, np.array([first, last]) * distance))
+    """Decoded image at step ``last`` minus that at step ``first`` of :func:`class_traversal`."""
+    decoded = decode(class_traversal(latents, labels, positive, negative, [first, last])[0])
     return decoded[1] - decoded[0]
 
 

@@ -42,13 +42,12 @@ import pandas as pd
 from brainvae.analysis.errors import AnalysisError
 from brainvae.analysis.normative import (
     ReferenceStats,
+    class_traversal,
     field_agreement,
     group_map,
     regional_summary,
     residual,
     traversal_agreement,
-    traversal_codes,
-    traversal_direction,
     zmap,
 )
 from brainvae.io import atomic_path, atomic_write_text
@@ -351,13 +350,11 @@ def normative_step(
 
     # Traversal from the normative mean towards the positive mean, in multiples of their distance.
     def decode(codes: np.ndarray) -> np.ndarray:
-        return _decode(model, codes, dev)
+        return decode_latents(model, codes, dev)
 
-    direction = traversal_direction(mu, groups, positive, normative_name)
-    start = mu[is_neg].mean(axis=0)
-    distance_means = float(np.linalg.norm(mu[is_pos].mean(axis=0) - start))
     steps = [float(s) for s in traversal_steps]
-    decoded = decode(traversal_codes(start, direction, np.asarray(steps) * distance_means))
+    codes, distance_means = class_traversal(mu, groups, positive, normative_name, steps)
+    decoded = decode(codes)
     paths["traversal_nifti"] = _nifti(np.moveaxis(decoded, 0, -1), affine, out / "traversal.nii.gz")
     paths["traversal_png"] = _plot_strip(
         decoded, [f"{s:+g} d" for s in steps],
