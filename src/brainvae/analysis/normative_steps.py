@@ -179,15 +179,6 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _decode(model: Any, codes: np.ndarray, device: Any) -> np.ndarray:
-    import torch
-
-    model.eval()
-    z = torch.as_tensor(np.asarray(codes, np.float32)).reshape(len(codes), *model.latent_shape).to(device)
-    with torch.no_grad():
-        return model.decode(z).float().squeeze(1).cpu().numpy()
-
-
 def normative_step(
     model_dir: str | os.PathLike[str],
     scans: pd.DataFrame,
@@ -225,7 +216,7 @@ def normative_step(
     from brainvae.latents_table import read_latents
     from brainvae.runtime import resolve_device
     from brainvae.vae.cohort import read_index, read_splits
-    from brainvae.vae.evaluate import reconstruct
+    from brainvae.vae.evaluate import decode_latents, reconstruct
     from brainvae.vae.nn import load_model
 
     out = Path(out_dir)

@@ -46,6 +46,7 @@ __all__ = [
     "METRICS",
     "PCABaseline",
     "bootstrap_ci",
+    "decode_latents",
     "evaluate_vae",
     "reconstruct",
     "scan_metrics",
@@ -345,6 +346,16 @@ def plot_reconstructions(items: Sequence[tuple[str, np.ndarray, np.ndarray]], pa
     save_png(fig, path)
 
 
+def decode_latents(model: torch.nn.Module, codes: np.ndarray | torch.Tensor,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Volumes (float32, one per code) decoded from latent codes (eval mode): flat rows of the latents table or
+    codes already of the model's ``latent_shape``."""
+    z = torch.as_tensor(codes, dtype=torch.float32).reshape(len(codes), *model.latent_shape)
+    model.eval()
+    with torch.no_grad():
+        return model.decode(z.to(device)).float().squeeze(1).cpu().numpy()
+
+
 def plot_prior_samples(model: torch.nn.Module, path: Path, *, n: int = 4, seed: int = 0,
                        device: torch.device | str = "cpu") -> None:
     """Volumes decoded from z ~ N(0, I): three orthogonal slices each."""
@@ -354,10 +365,7 @@ def plot_prior_samples(model: torch.nn.Module, path: Path, *, n: int = 4, seed: 
     import matplotlib.pyplot as plt
 
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, *model.latent_shape, generator=gen)
-    model.eval()
-    with torch.no_grad():
-        vols = model.decode(z.to(device)).float().squeeze(1).cpu().numpy()
+    vols = decode_latents(model, torch.randn(n, *model.latent_shape, generator=gen), device)
     fig, axes = plt.subplots(n, 3, figsize=(6, 2.2 * n), squeeze=False)
     for i, v in enumerate(vols):
         lo, hi = np.percentile(v, [1, 99.5])
